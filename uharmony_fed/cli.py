@@ -1,0 +1,219 @@
+"""The ``uharmony-fed`` command: one CLI, one subcommand per job.
+
+Every command defaults to the embedded demo federation config. Errors in configs, data
+or arguments end in one line naming the file or key and the fix, with exit code 2 (bad
+config or arguments) or 1 (bad data, failed run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from uharmony_fed.config import ConfigError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _config(args: argparse.Namespace):
+    from uharmony_fed.fedconfig import load_config
+
+    return load_config(getattr(args, "config", None))
+
+
+@command("make-demo")
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from uharmony_fed.demo import make_demo
+
+    start = time.perf_counter()
+    paths = make_demo(Path(args.out), sites=args.sites, cases=args.cases, seed=args.seed)
+    print(f"wrote {len(paths)} sites in {time.perf_counter() - start:.1f} s:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+@command("check-data")
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from uharmony_fed.data import check_data, format_report, load_site_config
+
+    site = load_site_config(args.site_config) if args.site_config else None
+    report = check_data(Path(args.data), layout=args.layout, site=site)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+@command("plan")
+def cmd_plan(args: argparse.Namespace) -> int:
+    from uharmony_fed.policy import format_plan, plan_all
+
+    cfg = _config(args)
+    table = plan_all(cfg.model)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(f"model: {cfg.model.arch}, norm {cfg.model.norm}; configured policy: {cfg.federation.policy}")
+        print(format_plan(table))
+    return 0
+
+
+@command("simulate")
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from uharmony_fed.fed.launch import simulate
+    from uharmony_fed.report import write_run_report
+
+    cfg = _config(args)
+    result = simulate(cfg, Path(args.run_dir) if args.run_dir else None, resume=args.resume)
+    if result.returncode != 0:
+        print(f"simulation failed (exit {result.returncode}); logs in {result.run_dir / 'logs'}",
+              file=sys.stderr)
+        return 1
+    pictures = write_run_report(result.run_dir)
+    print(f"\nfinished in {result.seconds:.0f} s; run folder {result.run_dir}")
+    for p in pictures:
+        print(f"  {p}")
+    return 0
+
+
+@command("server")
+def cmd_server(args: argparse.Namespace) -> int:
+    from uharmony_fed.fed.launch import serve
+    from uharmony_fed.report import write_run_report
+
+    cfg = _config(args)
+    result = serve(cfg, Path(args.run_dir) if args.run_dir else None, resume=args.resume,
+                   insecure=args.insecure)
+    if result.returncode != 0:
+        print(f"run failed (exit {result.returncode}); logs in {result.run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    write_run_report(result.run_dir)
+    return 0
+
+
+@command("client")
+def cmd_client(args: argparse.Namespace) -> int:
+    from uharmony_fed.fed.launch import run_site
+
+    cfg = _config(args)
+    site_config = Path(args.site_config) if args.site_config else cfg.site_config_path(args.site)
+    server = args.server or f"127.0.0.1:{cfg.server.port}"
+    certs = cfg.server.certs_dir
+    ca = None if args.insecure else Path(args.ca) if args.ca else certs / "ca.crt"
+    key = None if args.insecure else Path(args.key) if args.key else certs / "sites" / f"{args.site}.key"
+    for path, flag in ((ca, "--ca"), (key, "--key")):
+        if path is not None and not path.is_file():
+            msg = f"{path} not found; pass {flag} (made by 'uharmony-fed certs') or --insecure"
+            raise FileNotFoundError(msg)
+    if key is not None and not cfg.server.supernode_auth:
+        key = None
+    return run_site(args.site, site_config, server, ca_cert=ca, key=key, port=args.port)
+
+
+@command("certs")
+def cmd_certs(args: argparse.Namespace) -> int:
+    from uharmony_fed.certs import enrolment_help, make_certs
+
+    cfg = _config(args)
+    sites = args.sites or list(cfg.sites)
+    make_certs(Path(args.out), hosts=args.host, sites=sites)
+    print(enrolment_help(Path(args.out), sites, f"{args.host[0]}:{cfg.server.port}"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (``--help`` explains each)."""
+    p = argparse.ArgumentParser(
+        prog="uharmony-fed",
+        description="Federated 3-D brain lesion segmentation with U-Harmony normalization on Flower. "
+        "Every command defaults to the demo federation (configs/demo.yaml).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_)
+
+    def with_config(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", help="run config YAML (default: the embedded demo federation)")
+
+    q = add("make-demo", "generate the demo federation: heterogeneous hospitals on MNI152 anatomy")
+    q.add_argument("--out", default="demo_data", help="output folder (default: demo_data)")
+    q.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    q.add_argument("--cases", type=int, default=8, help="cases per hospital (default 8)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    q = add("check-data", "list every case of a site's data and every problem with its fix")
+    q.add_argument("--data", required=True, help="the site's data folder")
+    q.add_argument("--layout", choices=["auto", "brats", "msd", "datalist"], default="auto")
+    q.add_argument("--site-config", help="the site's site.yaml (label and modality mapping)")
+
+    q = add("plan", "show what each sharing policy would send per round (tensors, parameters, bytes)")
+    with_config(q)
+    q.add_argument("--json", action="store_true", help="print JSON keyed by policy name")
+
+    q = add("simulate", "run the federation on Flower's simulation engine on this machine")
+    with_config(q)
+    q.add_argument("--run-dir", help="run folder (default runs/<name>-<timestamp>)")
+    q.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+
+    q = add("server", "coordinator: start Flower's SuperLink and run the federation")
+    with_config(q)
+    q.add_argument("--run-dir", help="run folder (default runs/<name>-<timestamp>)")
+    q.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    q.add_argument("--insecure", action="store_true", help="no TLS and no site keys (local trials only)")
+
+    q = add("client", "hospital: start this site's SuperNode and train when the server asks")
+    with_config(q)
+    q.add_argument("--site", required=True, help="this site's name, e.g. hospitalA")
+    q.add_argument("--site-config", help="the site's site.yaml (default <data_root>/<site>/site.yaml)")
+    q.add_argument("--server", help="the coordinator's HOST:PORT (default 127.0.0.1:<server.port>)")
+    q.add_argument("--ca", help="CA certificate that signed the server (default <certs_dir>/ca.crt)")
+    q.add_argument("--key", help="this site's private key (default <certs_dir>/sites/<site>.key)")
+    q.add_argument("--port", type=int, default=0, help="local SuperNode port (default: a free one)")
+    q.add_argument("--insecure", action="store_true", help="no TLS and no site key (local trials only)")
+
+    q = add("certs", "make a development CA, server certificate and site keys")
+    with_config(q)
+    q.add_argument("--out", default="certs", help="output folder (default certs)")
+    q.add_argument("--host", action="append", default=None,
+                   help="server host name or IP for the certificate (repeatable; default localhost, 127.0.0.1)")
+    q.add_argument("--sites", nargs="*", help="site names to make keys for (default: the config's sites)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``uharmony-fed``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "host", "unset") is None:
+        args.host = ["localhost", "127.0.0.1"]
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"uharmony-fed {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"uharmony-fed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Flower glue: the ServerApp, the ClientApp, and the processes that run them."""
