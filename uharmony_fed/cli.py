@@ -12,9 +12,11 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from uharmony_fed.config import ConfigError
+from uharmony_fed.data.errors import DataError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -51,7 +53,9 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from uharmony_fed.data import check_data, format_report, load_site_config
 
-    site = load_site_config(args.site_config) if args.site_config else None
+    site = None
+    if args.site_config:
+        site = replace(load_site_config(args.site_config), data_dir=Path(args.data).resolve())
     report = check_data(Path(args.data), layout=args.layout, site=site)
     print(format_report(report))
     return 0 if report.ok else 1
@@ -134,6 +138,26 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("predict")
+def cmd_predict(args: argparse.Namespace) -> int:
+    from uharmony_fed.checkpoint import CorruptFileError
+    from uharmony_fed.data import DataError
+    from uharmony_fed.predict import predict_to_files
+
+    try:
+        res = predict_to_files(args.model, args.site_config, args.input, args.output, overlay=args.overlay,
+                               label=args.label, threshold=args.threshold, device=args.device)
+    except (DataError, CorruptFileError) as exc:
+        print(f"uharmony-fed predict: error: {exc}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{v}: {n:,}" for v, n in sorted(res.label_counts.items()))
+    print(f"{res.case_id}: wrote {res.output} (federation {res.federation}, policy {res.policy}; "
+          f"voxels per label {counts})")
+    if res.overlay is not None:
+        print(f"  overlay {res.overlay}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``--help`` explains each)."""
     p = argparse.ArgumentParser(
@@ -192,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host", action="append", default=None,
                    help="server host name or IP for the certificate (repeatable; default localhost, 127.0.0.1)")
     q.add_argument("--sites", nargs="*", help="site names to make keys for (default: the config's sites)")
+
+    q = add("predict", "segment one case with a site's federated model (shared arrays + the site's local part)")
+    q.add_argument("--model", required=True, help="a finished run folder or its final_shared.ckpt")
+    q.add_argument("--site-config", required=True,
+                   help="the predicting site's site.yaml (its local state, modalities and label values)")
+    q.add_argument("--input", required=True,
+                   help="a BraTS case folder (CASE-t1n.nii.gz ...), a 4-D NIfTI (one sequence per channel: the "
+                   "site's channel indices, else FLAIR,T1w,T1gd,T2w), a 3-D CASE-<sequence>.nii.gz, or a "
+                   "case id of the site's data")
+    q.add_argument("--output", required=True, help="segmentation to write (.nii.gz; the case's grid, the site's labels)")
+    q.add_argument("--overlay", help="also write a PNG of axial slices with the predicted regions")
+    q.add_argument("--label", help="ground truth to outline in the overlay (default: the case's own, if any)")
+    q.add_argument("--threshold", type=float, default=0.5, help="region probability threshold (default 0.5)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: GPU when present")
     return p
 
 
@@ -208,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"uharmony-fed {args.command}: config error: {exc}", file=sys.stderr)
         return 2
+    except DataError as exc:
+        print(f"uharmony-fed {args.command}: data error: {exc}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as exc:
         print(f"uharmony-fed {args.command}: error: {exc}", file=sys.stderr)
         return 2

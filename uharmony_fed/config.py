@@ -99,10 +99,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             msg = f"expected a mapping ({_type_name(tp)}), found {value!r}"
             raise ConfigError(where, msg)
         kt, vt = get_args(tp) or (Any, Any)
-        return {
-            _convert(kt, k, f"{where}.{k}"): _convert(vt, v, f"{where}.{k}")
-            for k, v in value.items()
-        }
+        return {_convert(kt, k, _join(where, k)): _convert(vt, v, _join(where, k)) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(where, f"expected true or false, found {value!r}")
@@ -126,6 +123,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(where, f"expected {_type_name(tp)}, found {value!r}")
+
+
+def _join(where: str, key: object) -> str:
+    # "fed.yaml:" + "federation" -> "fed.yaml: federation"; "fed.yaml: federation" + "rounds"
+    # -> "fed.yaml: federation.rounds".
+    if not where:
+        return str(key)
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
 
 
 def parse(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
@@ -157,12 +162,12 @@ def parse(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -
             hint = f"; did you mean {near[0]!r}?" if near else ""
             valid = ", ".join(sorted(fields))
             msg = f"unknown key {raw_key!r}{hint} (valid keys: {valid})"
-            raise ConfigError(f"{where}.{raw_key}" if where else str(raw_key), msg)
-        kwargs[key] = _convert(hints[key], value, f"{where}.{raw_key}")
+            raise ConfigError(_join(where, raw_key), msg)
+        kwargs[key] = _convert(hints[key], value, _join(where, raw_key))
     for name, f in fields.items():
         missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if missing and name not in kwargs:
-            raise ConfigError(f"{where}.{name}", f"required key is missing ({_type_name(hints[name])})")
+            raise ConfigError(_join(where, name), f"required key is missing ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -134,7 +134,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     Raises:
         ConfigError: naming the file and key path of the first problem.
     """
-    where = str(path) if path is not None else "default config"
+    where = f"{path}:" if path is not None else "default config:"
     data = load_yaml(path) if path is not None else {}
     if overrides:
         data = _merge(data, overrides)

@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from uharmony_fed.fed.audit import payload_audit_mod
 from uharmony_fed.fed.site_runtime import SiteRuntime, get_runtime
 from uharmony_fed.fed.wire import ARRAYS, CONFIG, METRICS, SITE, RoundSpec
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 #: The one key under which a site keeps its local state in ``context.state``.
 STATE_KEY = "uharmony-local"
 
-app = ClientApp()
+# Every reply passes the payload audit: only the shared keys, numbers and the site name leave.
+app = ClientApp(mods=[payload_audit_mod])
 
 
 def site_config_path(context: Context) -> Path:

@@ -73,11 +73,15 @@ def ensure_demo(cfg: FedConfig) -> None:
         raise FileNotFoundError(msg)
 
 
-def run_config(cfg: FedConfig, run_dir: Path, resume: bool, progress: bool = False) -> dict:
-    """The Flower run config: where the ServerApp finds fed.yaml and the run folder."""
+def run_config(cfg: FedConfig, run_dir: Path, resume: bool, audit_dir: Path | None = None) -> dict:
+    """The Flower run config: where the ServerApp finds fed.yaml and the run folder.
+
+    ``audit_dir`` (simulation only) makes every virtual site log what it sends there.
+    """
     return {"config-path": str(run_dir / "fed.yaml"), "run-dir": str(run_dir), "resume": resume,
             "sites": ",".join(cfg.sites), "data-root": str(cfg.data_root),
-            "threads-per-site": cfg.simulation.threads_per_site, "progress": progress}
+            "threads-per-site": cfg.simulation.threads_per_site, "progress": False,
+            "audit-dir": str(audit_dir or "")}
 
 
 @dataclass
@@ -90,7 +94,7 @@ class RunResult:
 
 
 def simulate(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False,
-             echo: bool = True, timeout: float | None = None) -> RunResult:
+             echo: bool = True, timeout: float | None = None, audit_dir: Path | None = None) -> RunResult:
     """Run the federation on Flower's simulation engine, one virtual site per configured site.
 
     Starts a private SuperLink in simulation mode on a free loopback port, submits the app
@@ -109,7 +113,8 @@ def simulate(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False,
         fed_cfg = {"num-supernodes": len(cfg.sites),
                    "client-resources-num-cpus": _num(sim.cpus_per_site),
                    "client-resources-num-gpus": _num(sim.gpus_per_site)}
-        rc = flwr_run(home, "sim", run_config(cfg, run_dir, resume), run_dir / "logs" / "flwr_run.log",
+        rc = flwr_run(home, "sim", run_config(cfg, run_dir, resume, audit_dir),
+                      run_dir / "logs" / "flwr_run.log",
                       federation_config=fed_cfg, echo=echo, timeout=timeout)
     return RunResult(run_dir, rc, time.perf_counter() - start)
 
@@ -145,8 +150,9 @@ def enroll_sites(home: Path, connection: str, keys_dir: Path) -> list[str]:
         proc = subprocess.run([flower_bin("flwr"), "supernode", "register", str(pub), connection],
                               env={**flower_env(), "FLWR_HOME": str(home)}, capture_output=True, text=True,
                               timeout=60)
-        if proc.returncode != 0:
-            msg = f"enrolling {pub} failed: {proc.stdout.strip()} {proc.stderr.strip()}"
+        said = f"{proc.stdout.strip()} {proc.stderr.strip()}"
+        if proc.returncode != 0 and "already" not in said.lower():
+            msg = f"enrolling {pub} failed: {said}"
             raise RuntimeError(msg)
         enrolled.append(pub.name.removesuffix(".key.pub"))
     return enrolled
@@ -164,8 +170,11 @@ def serve(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False, ins
     run_dir = prepare_run_dir(cfg, run_dir, resume)
     home = run_dir / ".flwr"
     start = time.perf_counter()
+    # SuperLink's database keeps the enrolled sites and their node ids across a restart of
+    # the coordinator, so connected SuperNodes carry on instead of being forgotten.
     link = start_superlink(cfg.server.host, cfg.server.port, run_dir / "logs" / "superlink.log",
-                           tls=tls, supernode_auth=auth, env={"FLWR_HOME": str(home)})
+                           tls=tls, supernode_auth=auth, database=run_dir / "superlink.db",
+                           env={"FLWR_HOME": str(home)})
     with managed(link):
         local = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "") else cfg.server.host
         write_flower_home(home, "server", f"{local}:{cfg.server.port}",
@@ -184,40 +193,70 @@ def serve(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False, ins
     return RunResult(run_dir, rc, time.perf_counter() - start)
 
 
-_REFUSED = re.compile(r"(PERMISSION_DENIED|UNAUTHENTICATED|not authorized|authentication failed"
-                      r"|certificate verify failed|CERTIFICATE_VERIFY_FAILED|SSL)", re.IGNORECASE)
+def site_node_config(site: str, site_config: Path, audit_log: Path | None = None) -> dict[str, str]:
+    """The SuperNode's node config: the site's identity and where its site.yaml is."""
+    conf = {"site": site, "site-config": str(Path(site_config).resolve())}
+    if audit_log is not None:
+        conf["audit-log"] = str(Path(audit_log).resolve())
+    return conf
+
+
+_REFUSED = re.compile(r"(Failed to activate SuperNode|code: 2004|PERMISSION_DENIED|UNAUTHENTICATED"
+                      r"|not authorized|certificate verify failed|CERTIFICATE_VERIFY_FAILED)",
+                      re.IGNORECASE)
 
 
 def run_site(site: str, site_config: Path, superlink: str, *, ca_cert: Path | None, key: Path | None,
-             port: int = 0, state_dir: Path | None = None, log_path: Path | None = None) -> int:
-    """A hospital's SuperNode, in the foreground until stopped (Ctrl-C) or refused.
+             port: int = 0, log_path: Path | None = None, audit_log: Path | None = None,
+             refusals: int = 4) -> int:
+    """A hospital's SuperNode, in the foreground until stopped (Ctrl-C).
 
-    It retries with backoff while the server is not up (Flower's own reconnection) and
-    prints one clear line if the server refuses it (unknown key, wrong CA).
+    While the server is not up, Flower's SuperNode reconnects with backoff by itself. If
+    the server refuses the site (its key is not enrolled yet, or the CA does not match),
+    SuperNode exits; the site then says so in one clear line and tries again with a
+    growing pause, ``refusals`` times, before giving up with exit code 1.
+
+    Returns:
+        The exit code: 0 when stopped by the operator, 1 when refused.
     """
     if not Path(site_config).is_file():
         msg = f"{site_config} not found; pass --site-config with the site's site.yaml"
         raise FileNotFoundError(msg)
-    log_path = log_path or Path(site_config).parent / "logs" / "supernode.log"
-    node: Managed = start_supernode(
-        superlink, port or free_port(), {"site": site, "site-config": str(Path(site_config).resolve())},
-        log_path, ca_cert=ca_cert, auth_key=key)
-    print(f"site {site}: SuperNode started, connecting to {superlink} "
-          f"({'TLS' if ca_cert else 'INSECURE'}); log {log_path}", flush=True)
-    with managed(node):
-        offset = 0
-        try:
-            while node.proc.poll() is None:
-                time.sleep(1.0)
-                text = log_path.read_text(errors="replace")
-                new, offset = text[offset:], len(text)
-                for line in new.splitlines():
-                    if _REFUSED.search(line):
-                        print(f"site {site}: the server refused this site: {line.strip()}\n"
-                              "  check that the site key is enrolled at the coordinator and that "
-                              "--ca is the CA that signed the server certificate", file=sys.stderr)
-                    elif "Sending: train" in line or "Received: train" in line:
-                        print(f"site {site}: {line.strip()}", flush=True)
-        except KeyboardInterrupt:
-            pass
-    return node.proc.returncode or 0
+    if log_path is None:
+        from uharmony_fed.data import load_site_config
+
+        log_path = Path(load_site_config(site_config).state_dir) / "logs" / "supernode.log"
+    conf = site_node_config(site, site_config, audit_log)
+    for attempt in range(refusals + 1):
+        node: Managed = start_supernode(superlink, port or free_port(), conf, log_path,
+                                        ca_cert=ca_cert, auth_key=key)
+        print(f"site {site}: SuperNode started, connecting to {superlink} "
+              f"({'TLS' if ca_cert else 'INSECURE'}); log {log_path}", flush=True)
+        refused = None
+        with managed(node):
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            try:
+                while node.proc.poll() is None:
+                    time.sleep(1.0)
+                    with open(log_path, errors="replace") as fh:
+                        fh.seek(offset)
+                        new = fh.read()
+                        offset = fh.tell()
+                    for line in new.splitlines():
+                        if _REFUSED.search(line):
+                            refused = line.strip()
+                        elif "Received: train" in line or "Received: evaluate" in line:
+                            print(f"site {site}: {line.strip()}", flush=True)
+            except KeyboardInterrupt:
+                return 0
+        if refused is None:
+            return node.proc.returncode or 0
+        pause = min(5 * 2**attempt, 60)
+        print(f"site {site}: the server at {superlink} refused this site ({refused}).\n"
+              "  Check that the coordinator enrolled this site's public key "
+              f"(<certs_dir>/sites/{site}.key.pub) and that --ca is the CA that signed the "
+              "server's certificate." + (f" Trying again in {pause} s." if attempt < refusals else ""),
+              file=sys.stderr, flush=True)
+        if attempt < refusals:
+            time.sleep(pause)
+    return 1
