@@ -189,8 +189,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(str(path), f"not valid YAML{line}: {exc}") from exc
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(str(path), f"not valid YAML{line}: {problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmeda
 class TrainConfig:
     """Local training and validation at a site, sent to every site each round."""
 
-    local_steps: int = 12
+    local_steps: int = 20
     lr: float = 3e-3
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 1e-5
@@ -46,7 +46,7 @@ class FederationConfig:
     policy: str = "uharmony"
     strategy: StrategyName = "fedavg"
     strategy_args: dict[str, float] = field(default_factory=dict)
-    rounds: int = 6
+    rounds: int = 8
     min_sites: int = 2
     wait_for_sites_s: float = 120.0
     round_timeout_s: float = 3600.0
