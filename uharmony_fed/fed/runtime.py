@@ -100,32 +100,25 @@ class Managed:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process and all its descendants, SIGKILL what is left after ``timeout``."""
-        tree = self._tree()
-        for p in tree:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        _, alive = psutil.wait_procs(_signal(self._tree(), "terminate"), timeout=timeout)
+        psutil.wait_procs(_signal(alive, "kill"), timeout=5)
         if self.proc.poll() is None:
             self.proc.wait(timeout=5)
 
     def kill(self) -> None:
         """SIGKILL the process and all its descendants at once (used by fault tests)."""
-        tree = self._tree()
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=10)
+        psutil.wait_procs(_signal(self._tree(), "kill"), timeout=10)
         self.proc.wait(timeout=10)
+
+
+def _signal(procs: list[psutil.Process], how: str) -> list[psutil.Process]:
+    """Call ``terminate`` or ``kill`` on each process that still exists; return them all."""
+    for p in procs:
+        try:
+            getattr(p, how)()
+        except psutil.NoSuchProcess:
+            pass
+    return procs
 
 
 def _spawn(name: str, cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None) -> Managed:
