@@ -138,6 +138,26 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from uharmony_fed.local_train import train_site
+
+    cfg = _config(args)
+    site_config = Path(args.site_config) if args.site_config else cfg.site_config_path(args.site)
+    if not site_config.is_file():
+        from uharmony_fed.fed.launch import ensure_demo
+
+        ensure_demo(cfg)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{cfg.name}-local-{site_config.parent.name}-{stamp}"
+    train_site(cfg, site_config, run_dir)
+    print(f"run folder {run_dir}; predict with: uharmony-fed predict --model {run_dir} "
+          f"--site-config {site_config} --input CASE --output seg.nii.gz")
+    return 0
+
+
 @command("predict")
 def cmd_predict(args: argparse.Namespace) -> int:
     from uharmony_fed.checkpoint import CorruptFileError
@@ -216,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host", action="append", default=None,
                    help="server host name or IP for the certificate (repeatable; default localhost, 127.0.0.1)")
     q.add_argument("--sites", nargs="*", help="site names to make keys for (default: the config's sites)")
+
+    q = add("train", "train one site alone, without a federation (checks data and model end to end)")
+    with_config(q)
+    q.add_argument("--site", default="hospitalA", help="a site of the config (default hospitalA)")
+    q.add_argument("--site-config", help="the site's site.yaml (default <data_root>/<site>/site.yaml)")
+    q.add_argument("--run-dir", help="run folder (default runs/<name>-local-<site>-<timestamp>)")
 
     q = add("predict", "segment one case with a site's federated model (shared arrays + the site's local part)")
     q.add_argument("--model", required=True, help="a finished run folder or its final_shared.ckpt")
