@@ -199,7 +199,7 @@ def test_systemd_units_run_real_commands(unit):
 
 
 def test_example_configs_parse():
-    cfg = load_config(ROOT / "server" / "fed.yaml")
+    cfg = load_config(ROOT / "configs" / "brats.yaml")
     assert cfg.demo is None and cfg.server.supernode_auth and not cfg.server.insecure
     site = parse(SiteConfig, load_yaml(ROOT / "client" / "site.yaml"), "client/site.yaml")
     assert site.name in cfg.sites and site.layout == "brats"
