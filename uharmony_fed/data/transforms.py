@@ -57,7 +57,7 @@ class DataConfig:
     roi_size: tuple[int, int, int] = (32, 32, 32)
     batch_size: int = 2
     samples_per_case: int = 2
-    cache: Literal["memory", "disk", "none"] = "memory"
+    cache: Literal["memory", "disk", "none"] = "disk"
     num_workers: int = 0
     max_voxels: int = 16_000_000
     augment: bool = True

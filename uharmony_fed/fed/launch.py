@@ -73,14 +73,17 @@ def ensure_demo(cfg: FedConfig) -> None:
         raise FileNotFoundError(msg)
 
 
-def run_config(cfg: FedConfig, run_dir: Path, resume: bool, audit_dir: Path | None = None) -> dict:
+def run_config(cfg: FedConfig, run_dir: Path, resume: bool, audit_dir: Path | None = None,
+               simulation: bool = False) -> dict:
     """The Flower run config: where the ServerApp finds fed.yaml and the run folder.
 
     ``audit_dir`` (simulation only) makes every virtual site log what it sends there.
+    Only simulated sites, which share this machine's cores, are limited in threads.
     """
     return {"config-path": str(run_dir / "fed.yaml"), "run-dir": str(run_dir), "resume": resume,
             "sites": ",".join(cfg.sites), "data-root": str(cfg.data_root),
-            "threads-per-site": cfg.simulation.threads_per_site, "progress": False,
+            "threads-per-site": cfg.simulation.threads_per_site if simulation else 0,
+            "progress": False,
             "audit-dir": str(audit_dir or "")}
 
 
@@ -113,7 +116,7 @@ def simulate(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False,
         fed_cfg = {"num-supernodes": len(cfg.sites),
                    "client-resources-num-cpus": _num(sim.cpus_per_site),
                    "client-resources-num-gpus": _num(sim.gpus_per_site)}
-        rc = flwr_run(home, "sim", run_config(cfg, run_dir, resume, audit_dir),
+        rc = flwr_run(home, "sim", run_config(cfg, run_dir, resume, audit_dir, simulation=True),
                       run_dir / "logs" / "flwr_run.log",
                       federation_config=fed_cfg, echo=echo, timeout=timeout)
     return RunResult(run_dir, rc, time.perf_counter() - start)
