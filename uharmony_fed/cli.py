@@ -164,6 +164,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from uharmony_fed.data import DataError
     from uharmony_fed.predict import predict_to_files
 
+    if getattr(args, "universal", False):
+        return _predict_universal(args)
     try:
         res = predict_to_files(args.model, args.site_config, args.input, args.output, overlay=args.overlay,
                                label=args.label, threshold=args.threshold, device=args.device)
@@ -175,6 +177,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"voxels per label {counts})")
     if res.overlay is not None:
         print(f"  overlay {res.overlay}")
+    return 0
+
+
+def _predict_universal(args: argparse.Namespace) -> int:
+    """``predict --universal``: segment with a universal model (no site id)."""
+    from uharmony_fed.checkpoint import CorruptFileError
+    from uharmony_fed.data import DataError
+    from uharmony_fed.predict import predict_universal_to_files
+
+    try:
+        res = predict_universal_to_files(args.model, args.site_config, args.input, args.output,
+                                         overlay=args.overlay, label=args.label, threshold=args.threshold,
+                                         device=args.device)
+    except (DataError, CorruptFileError) as exc:
+        print(f"uharmony-fed predict: error: {exc}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{v}: {n:,}" for v, n in sorted(res.label_counts.items()))
+    gate = ", ".join(f"{s} {w:.2f}" for s, w in sorted((res.gate or {}).items(), key=lambda kv: -kv[1]))
+    print(f"{res.case_id}: wrote {res.output} (universal model of federation {res.federation}; "
+          f"gate {gate}; voxels per label {counts})")
+    if res.overlay is not None:
+        print(f"  overlay {res.overlay}")
+    return 0
+
+
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from uharmony_fed.universal import export_site, load_export
+
+    out = export_site(args.model, args.site_config, args.out, device=args.device)
+    doc = load_export(out)
+    n = sum(t.numel() for t in doc["params"].values())
+    print(f"site {doc['site']}: wrote {out} ({len(doc['params'])} restore/head tensors, {n:,} values; "
+          f"domain descriptor of {doc['descriptor']['count']} training cases; no voxels, file names or case ids)")
+    return 0
+
+
+@command("assemble")
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from uharmony_fed.universal import assemble
+
+    out = assemble(args.model, args.exports, args.out, temperature=args.temperature)
+    print(f"wrote {out}: universal model of {len(args.exports)} sites; predict with: uharmony-fed predict "
+          f"--universal --model {out} --site-config SITE.yaml --input CASE --output seg.nii.gz")
     return 0
 
 
@@ -256,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--label", help="ground truth to outline in the overlay (default: the case's own, if any)")
     q.add_argument("--threshold", type=float, default=0.5, help="region probability threshold (default 0.5)")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: GPU when present")
+    q.add_argument("--universal", action="store_true",
+                   help="--model is a universal model (uharmony-fed assemble): no site id, a domain gate "
+                   "picks the sites' restorations; --site-config then only maps sequences and label values")
+
+    q = add("export", "opt-in: write this site's restore and head parameters and domain statistics "
+            "(no voxels, file names or case ids) for a universal model")
+    q.add_argument("--site-config", required=True, help="this site's site.yaml (its local state and training data)")
+    q.add_argument("--model", required=True, help="the finished run folder (or its final_shared.ckpt)")
+    q.add_argument("--out", required=True, help="the export file to write (e.g. hospitalA.export.pt)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default: cpu")
+
+    q = add("assemble", "build one universal model from a run and the sites' exports")
+    q.add_argument("--model", required=True, help="the finished run folder (or its final_shared.ckpt)")
+    q.add_argument("--exports", nargs="+", required=True, help="one export file per site")
+    q.add_argument("--out", required=True, help="the universal model file to write (e.g. universal.pt)")
+    q.add_argument("--temperature", type=float, default=1.0,
+                   help="gate temperature: smaller picks one site more sharply (default 1.0)")
     return p
 
 

@@ -83,6 +83,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(Scanner((1.1, 1.1, 1.0), "LAS", 1.35, 3000.0, 0.22, 0.03, True, "uint16"), "meningioma", "datalist", "wt"),
 )
 
+#: The hospital that joins later (``make_demo(..., joiner=True)``): a scanner unlike the
+#: others (RPI, coarse slices, Gaussian noise, a flat contrast curve) and only FLAIR and
+#: post-contrast T1.
+JOINER_NAME = "hospitalNew"
+JOINER = Variant(Scanner((1.2, 1.2, 1.6), "RPI", 0.85, 1200.0, 0.25, 0.05, False, "int16"), "glioma", "brats",
+                 "brats", ("t1n", "t2w"))
+
 # Decathlon Task01 channel names; a site lacking a sequence stores fewer channels.
 _MSD_NAMES = {"t2f": "FLAIR", "t1n": "T1w", "t1c": "T1gd", "t2w": "T2w"}
 _MSD_ORDER = ("t2f", "t1n", "t1c", "t2w")
@@ -297,6 +304,7 @@ def make_demo(
     seed: int = 0,
     spacing_mm: float = 4.0,
     log: Callable[[str], None] | None = print,
+    joiner: bool = False,
 ) -> list[Path]:
     """Write the demo federation: one folder per hospital with its data and site.yaml.
 
@@ -315,6 +323,11 @@ def make_demo(
       tumour only (label 1), LAS, uint16, a steeper contrast curve.
 
     Further hospitals cycle these variants with perturbed scanners and their own seeds.
+    With ``joiner``, one more hospital (:data:`JOINER_NAME`) is written for joining a
+    running federation or testing a universal model on an unseen scanner: glioma-like
+    lesions, BraTS layout and labels, only FLAIR and T1c (T1 and T2 declared
+    ``missing``), RPI, 1.6x thicker slices, Gaussian noise. The other hospitals' files
+    are the same with or without it.
 
     Args:
         out: the output folder (created).
@@ -324,6 +337,7 @@ def make_demo(
         spacing_mm: base voxel size; each scanner scales it (4 mm gives grids of
             about 36-54 voxels per side).
         log: progress printer (``None`` for silence).
+        joiner: also write the joining hospital (its site.yaml comes last).
 
     Returns:
         The ``site.yaml`` paths, one per hospital.
@@ -334,9 +348,10 @@ def make_demo(
     out = Path(out)
     paths = []
     start = time.perf_counter()
-    for i in range(sites):
-        name = site_name(i)
-        variant = _variant(i, np.random.default_rng([seed, i, 10_000]))
+    plan = [(site_name(i), i, _variant(i, np.random.default_rng([seed, i, 10_000]))) for i in range(sites)]
+    if joiner:
+        plan.append((JOINER_NAME, sites, JOINER))
+    for name, i, variant in plan:
         affine, shape = _grid(variant.scanner, spacing_mm)
         world = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
         world = np.einsum("ij,j...->i...", affine[:3, :3].astype(np.float32), world) + affine[:3, 3, None, None, None].astype(np.float32)
@@ -394,5 +409,5 @@ def make_demo(
         site_yaml.write_text(header + yaml.safe_dump(_site_yaml(name, variant), sort_keys=False))
         paths.append(site_yaml)
     if log is not None:
-        log(f"[make-demo] wrote {sites} sites x {cases} cases to {out} in {time.perf_counter() - start:.1f} s")
+        log(f"[make-demo] wrote {len(plan)} sites x {cases} cases to {out} in {time.perf_counter() - start:.1f} s")
     return paths

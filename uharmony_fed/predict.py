@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -36,6 +37,9 @@ from uharmony_fed.data.site import BRATS_MODALITIES, MSD_MODALITIES
 from uharmony_fed.model import ModelConfig, build_model
 from uharmony_fed.policy import canonical_state, get_policy, load_shared, split_keys
 from uharmony_fed.train import pick_device, predict_volume
+
+if TYPE_CHECKING:
+    from uharmony_fed.universal import UniversalModel
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,9 @@ def load_site_model(model_ckpt: str | Path, site: SiteConfig, device: str = "aut
     """
     ckpt = resolve_checkpoint(model_ckpt)
     payload = load_payload(ckpt)
+    if payload.get("kind") == "uharmony_fed.universal_model":
+        msg = f"{ckpt} is a universal model (uharmony-fed assemble); predict with --universal"
+        raise ValueError(msg)
     absent = [k for k in ("arrays", "policy", "model", "name") if k not in payload]
     if absent:
         msg = (f"{ckpt}: not a final federated model (no {', '.join(absent)}); pass the run folder "
@@ -448,6 +455,8 @@ class PredictResult:
     label_counts: dict[int, int]
     federation: str
     policy: str
+    #: Site -> gate weight, for a universal model's prediction; ``None`` for a site model.
+    gate: dict[str, float] | None = None
 
 
 def predict_to_files(
@@ -501,6 +510,107 @@ def predict_to_files(
                          sm.federation, sm.policy)
 
 
+# ----------------------------------------------------------------------------- universal
+
+
+def predict_case_universal(
+    model: str | Path | UniversalModel,
+    site_cfg: SiteConfig | str | Path,
+    case: Case,
+    data_cfg: DataConfig | None = None,
+    *,
+    threshold: float = 0.5,
+    device: str = "auto",
+) -> tuple[nib.Nifti1Image, dict[str, float]]:
+    """Segment one case with a universal model: no site id, the gate picks the restoration.
+
+    The gate is computed once on the whole preprocessed volume, then the sliding window
+    runs with those weights. ``site_cfg`` only maps the input's sequences and the label
+    values to write; its name is never read.
+
+    Args:
+        model: a file written by ``uharmony-fed assemble``, or a loaded
+            :class:`~uharmony_fed.universal.UniversalModel`.
+        site_cfg: the config (or site.yaml) describing the input and its label values.
+        case: the case; see :func:`case_from_input`.
+        data_cfg: preprocessing; default the federation's (stored in the file).
+        threshold: region membership threshold.
+        device: ``auto``, ``cpu`` or ``cuda`` (when loading the model here).
+
+    Returns:
+        The int16 NIfTI on the case's grid and affine, and the gate weight of each site.
+    """
+    from uharmony_fed.universal import GatedPredictor, UniversalModel
+
+    site = site_cfg if isinstance(site_cfg, SiteConfig) else load_site_config(site_cfg)
+    um = model if isinstance(model, UniversalModel) else UniversalModel.load(model, pick_device(device))
+    dev = um.gate_means.device
+    cfg = data_cfg or um.data or DataConfig()
+    inf = load_case_for_inference(case, site, cfg)
+    image = inf.image.as_tensor().unsqueeze(0).float()
+    with torch.no_grad():
+        gate = um.gate(image.to(dev))[0]
+    probs = predict_volume(GatedPredictor(um, gate), image, cfg.roi_size, device=dev,
+                           sw_batch_size=um.sw_batch_size, overlap=um.overlap)
+    out = inf.prediction_to_nifti(probs[0].cpu(), site, threshold)
+    labels = np.asarray(out.dataobj, dtype=np.int16)
+    img = nib.Nifti1Image(labels, inf.original_affine)
+    img.set_data_dtype(np.int16)
+    img.set_sform(inf.original_affine, code=1)
+    img.set_qform(inf.original_affine, code=1)
+    return img, {name: float(w) for name, w in zip(um.site_names, gate.cpu().tolist())}
+
+
+def predict_universal_to_files(
+    model: str | Path,
+    site_config: str | Path,
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    overlay: str | Path | None = None,
+    label: str | Path | None = None,
+    threshold: float = 0.5,
+    device: str = "auto",
+) -> PredictResult:
+    """``uharmony-fed predict --universal``: like :func:`predict_to_files` with a universal model.
+
+    Args:
+        model: the universal-model file (``uharmony-fed assemble``).
+        site_config: a site.yaml for the input's sequence mapping and label values (any
+            site, also one that never trained; its name and state are not used).
+        input_path, output, overlay, label, threshold, device: as :func:`predict_to_files`.
+
+    Returns:
+        The :class:`PredictResult`, with ``gate`` set and ``policy`` ``"universal"``.
+    """
+    from uharmony_fed.universal import UniversalModel
+
+    site = load_site_config(site_config)
+    um = UniversalModel.load(model, pick_device(device))
+    case, sub = case_from_input(input_path, site)
+    seg, gate = predict_case_universal(um, sub, case, threshold=threshold)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(seg, output)
+    values, counts = np.unique(np.asarray(seg.dataobj), return_counts=True)
+    drawn = None
+    if overlay is not None:
+        truth_path = Path(label) if label is not None else case.label
+        truth = None
+        if truth_path is not None:
+            if not Path(truth_path).is_file():
+                raise FileNotFoundError(f"{truth_path} not found; pass an existing --label file")
+            truth = nib.load(truth_path)
+            if truth.shape[:3] != seg.shape:
+                reason = f"label shape {truth.shape} differs from the case's {seg.shape}"
+                raise DataError(truth_path, reason, "pass the segmentation of this case")
+        best = max(gate, key=gate.__getitem__)
+        title = f"{case.case_id}: universal model of {um.federation} (gate: {best} {gate[best]:.2f})"
+        drawn = save_overlay(overlay, display_image(case, sub), seg, site, truth, title=title)
+    return PredictResult(case.case_id, output, drawn, {int(v): int(c) for v, c in zip(values, counts)},
+                         um.federation, "universal", gate)
+
+
 __all__ = [
     "PredictResult",
     "SiteModel",
@@ -509,7 +619,9 @@ __all__ = [
     "load_site_model",
     "local_state_path",
     "predict_case",
+    "predict_case_universal",
     "predict_to_files",
+    "predict_universal_to_files",
     "resolve_checkpoint",
     "save_overlay",
 ]
