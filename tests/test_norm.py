@@ -200,3 +200,15 @@ def test_hand_written_backward_matches_autograd_in_float64():
     xh = (torch.randn(2, 3, 4, 5, dtype=torch.float64) * 1.5).requires_grad_()
     a, b, d = (torch.randn(2, 3, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda *t: _Quadratic.apply(*t, 1.0), (xh, a, b, d))
+
+
+def test_metatensor_input_trains_through_inplace_activations():
+    """MONAI pipelines hand the network MetaTensors; DynUNet's activations work in place."""
+    from monai.data import MetaTensor
+
+    from uharmony_fed.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(features=(4, 8, 16), head_channels=4))
+    x = MetaTensor(torch.randn(2, 4, 16, 16, 16))
+    model(x).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

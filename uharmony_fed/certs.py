@@ -37,8 +37,11 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_certs(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-               sites: Sequence[str] = (), days: int = 365) -> dict[str, Path]:
+               sites: Sequence[str] = (), days: int = 365, force: bool = False) -> dict[str, Path]:
     """Write ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key`` and ``sites/<site>.key(.pub)``.
+
+    An existing CA and server certificate are kept (sites already hold that ``ca.crt``),
+    and so is an existing site key; only what is missing is made, unless ``force``.
 
     Args:
         out: the folder to write into (created).
@@ -46,11 +49,25 @@ def make_certs(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
         sites: site names to make SuperNode authentication keys for (EC P-384,
             OpenSSH format, as Flower's SuperNode authentication expects).
         days: validity of the certificates.
+        force: make a new CA and server certificate even if they exist.
 
     Returns:
-        The paths written, by role.
+        The paths of the files, by role.
     """
     out = Path(out)
+    paths = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key",
+             "server_cert": out / "server.pem", "server_key": out / "server.key"}
+    if force or not all(p.is_file() for p in paths.values()):
+        _make_ca_and_server(paths, hosts, days)
+    for site in sites:
+        priv, pub = Path(out) / "sites" / f"{site}.key", Path(out) / "sites" / f"{site}.key.pub"
+        if force or not (priv.is_file() and pub.is_file()):
+            priv, pub = make_site_key(out / "sites", site)
+        paths[f"{site}_key"], paths[f"{site}_pub"] = priv, pub
+    return paths
+
+
+def _make_ca_and_server(paths: dict[str, Path], hosts: Sequence[str], days: int) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
@@ -80,16 +97,10 @@ def make_certs(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA384())
     )
-    paths = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key",
-             "server_cert": out / "server.pem", "server_key": out / "server.key"}
     atomic_write_bytes(paths["ca_cert"], ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_secret(paths["ca_key"], _pem_key(ca_key))
     atomic_write_bytes(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
     _write_secret(paths["server_key"], _pem_key(server_key))
-    for site in sites:
-        priv, pub = make_site_key(out / "sites", site)
-        paths[f"{site}_key"], paths[f"{site}_pub"] = priv, pub
-    return paths
 
 
 def make_site_key(folder: Path, site: str) -> tuple[Path, Path]:

@@ -269,7 +269,9 @@ class UHarmonyNorm(nn.Module):
         self._check(x)
         dims = (-1,) if self.channels_last else tuple(range(2, x.ndim))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.float()
+            # Plain tensors through the custom Functions: a subclass such as MONAI's MetaTensor
+            # re-wraps their outputs as views, which autograd forbids to modify in place.
+            xf = (x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)).float()
             xh, mu, sigma = _Standardize.apply(xf, dims, self.eps)
             if self.harmonize.order <= 2:
                 y = self._fused(xh, mu, sigma)
