@@ -98,6 +98,11 @@ def save_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], k
     rounds = sorted(_checkpoint_rounds(run_dir))
     for old in rounds[:-keep] if keep > 0 else []:
         checkpoint_path(run_dir, old).unlink(missing_ok=True)
+    # A writer killed mid-write leaves its temporary file behind (as large as a
+    # checkpoint); only one server writes a run folder, so any other one is stale.
+    for stale in path.parent.glob(".round-*.ckpt.tmp-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     return path
 
 

@@ -40,6 +40,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Optional differential privacy on the shared update (Flower's fixed-clipping wrappers).
+
+    ``server-fixed``: the server clips each site's update and adds Gaussian noise to the
+    aggregate; ``client-fixed``: each site clips its own update before it leaves, the
+    server adds the noise. Flower's epsilon accounting needs the ``dp-accounting``
+    package, which is not a dependency, so no epsilon is reported.
+    """
+
+    mode: Literal["off", "server-fixed", "client-fixed"] = "off"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or not self.clipping_norm > 0:
+            msg = (f"federation.dp: noise_multiplier must be >= 0 and clipping_norm > 0, found "
+                   f"{self.noise_multiplier} and {self.clipping_norm}")
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """What is shared, how it is aggregated, and how long the server waits."""
 
@@ -52,6 +73,7 @@ class FederationConfig:
     round_timeout_s: float = 3600.0
     max_update_norm: float = 0.0
     eval_every: int = 1
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -163,6 +185,7 @@ def config_to_dict(cfg: FedConfig) -> dict:
 
 __all__ = [
     "ConfigError",
+    "DPConfig",
     "DemoConfig",
     "FedConfig",
     "FederationConfig",

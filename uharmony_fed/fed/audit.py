@@ -21,7 +21,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from uharmony_fed.fed.wire import ARRAYS, SITE
 
 #: Strings that look like a path, a file, or a BraTS-style case id never leave a site.
-_SUSPECT = re.compile(r"[/\\]|\.nii|\.gz|\.json|\.ya?ml|BraTS|case[-_]?\d", re.IGNORECASE)
+SUSPECT = re.compile(r"[/\\]|\.nii|\.gz|\.json|\.ya?ml|BraTS|case[-_]?\d", re.IGNORECASE)
 
 
 class PayloadViolation(RuntimeError):
@@ -75,7 +75,7 @@ def check_reply(incoming: Message, reply: Message) -> None:
         raise PayloadViolation(f"unexpected config records {sorted(extra_cfg)}")
     for name, rec in content.config_records.items():
         for key, value in rec.items():
-            if key != "name" or not isinstance(value, str) or _SUSPECT.search(value):
+            if key != "name" or not isinstance(value, str) or SUSPECT.search(value):
                 raise PayloadViolation(f"config {name}.{key}={value!r} is not allowed to leave the site")
 
 

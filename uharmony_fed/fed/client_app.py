@@ -7,14 +7,21 @@ holds the shared arrays, scalar metrics and the site's name; never a path, file 
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from uharmony_fed.fed.audit import payload_audit_mod
+from uharmony_fed.fed.audit import SUSPECT, payload_audit_mod
 from uharmony_fed.fed.site_runtime import SiteRuntime, get_runtime
 from uharmony_fed.fed.wire import ARRAYS, CONFIG, METRICS, SITE, RoundSpec
 
@@ -23,8 +30,21 @@ log = logging.getLogger(__name__)
 #: The one key under which a site keeps its local state in ``context.state``.
 STATE_KEY = "uharmony-local"
 
-# Every reply passes the payload audit: only the shared keys, numbers and the site name leave.
-app = ClientApp(mods=[payload_audit_mod])
+def clip_if_asked_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod: Flower's ``fixedclipping_mod`` when the server asks for clipping.
+
+    The server's client-side DP wrapper puts the clipping norm in the round's config; the
+    mod itself fails on messages without it, so it only runs when the norm is there.
+    """
+    configs = msg.content.config_records
+    if CONFIG in configs and KEY_CLIPPING_NORM in configs[CONFIG]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+# Every reply passes the payload audit (outermost, so it sees the clipped update): only the
+# shared keys, numbers and the site name leave.
+app = ClientApp(mods=[payload_audit_mod, clip_if_asked_mod])
 
 
 def site_config_path(context: Context) -> Path:
@@ -72,7 +92,54 @@ def _reply(msg: Message, runtime: SiteRuntime, metrics: dict[str, float], arrays
     return Message(content, reply_to=msg)
 
 
+#: Flower's code for "the ClientApp raised an exception" (flwr.common.constant.ErrorCode).
+CLIENT_APP_RAISED_EXCEPTION = 2
+
+
+def site_label(context: Context) -> str:
+    """The site's name for messages: node config ``site`` or the simulation's site list."""
+    node = context.node_config
+    if "site" in node:
+        return str(node["site"])
+    try:
+        return str(context.run_config["sites"]).split(",")[int(node["partition-id"])]
+    except (KeyError, IndexError, ValueError):
+        return "unknown site"
+
+
+def wire_reason(site: str, exc: BaseException) -> str:
+    """The error text that may leave the site: the kind of failure, never a path or case id.
+
+    The full message (with the file and the fix) stays in the site's own log; words that
+    look like a path, a file or a case id are replaced here, because an error reply
+    crosses the wire like any other and the payload audit does not see exceptions.
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        kind = "disk full (ENOSPC)"
+    text = " ".join("<path>" if SUSPECT.search(w) else w for w in str(exc).split())
+    text = re.sub(r"(<path>\s*)+", "<path> ", text).strip()
+    return f"site {site}: {kind}: {text} (the site's log names the file)"
+
+
+def fail_cleanly(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn an exception in a round into one clear error reply; the round goes on elsewhere."""
+
+    @wraps(fn)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            site = site_label(context)
+            log.error("site %s: %s round failed: %s", site, msg.metadata.message_type, exc)
+            return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=wire_reason(site, exc)),
+                           reply_to=msg)
+
+    return wrapper
+
+
 @app.train()
+@fail_cleanly
 def train(msg: Message, context: Context) -> Message:
     """Merge the global shared arrays, train locally, save local state, reply."""
     runtime, spec = _prepare(msg, context)
@@ -82,6 +149,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@fail_cleanly
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the personalized model (global shared + local) on the validation split."""
     runtime, spec = _prepare(msg, context)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,8 @@ class RunResult:
 
 
 def simulate(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False,
-             echo: bool = True, timeout: float | None = None, audit_dir: Path | None = None) -> RunResult:
+             echo: bool = True, timeout: float | None = None, audit_dir: Path | None = None,
+             on_started: Callable[[Managed], None] | None = None) -> RunResult:
     """Run the federation on Flower's simulation engine, one virtual site per configured site.
 
     Starts a private SuperLink in simulation mode on a free loopback port, submits the app
@@ -111,6 +113,8 @@ def simulate(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False,
     link = start_superlink("127.0.0.1", port, run_dir / "logs" / "superlink.log", simulation=True,
                            env={"FLWR_HOME": str(home)})
     with managed(link):
+        if on_started is not None:
+            on_started(link)
         write_flower_home(home, "sim", f"127.0.0.1:{port}", ca_cert=None)
         sim = cfg.simulation
         fed_cfg = {"num-supernodes": len(cfg.sites),
@@ -162,7 +166,8 @@ def enroll_sites(home: Path, connection: str, keys_dir: Path) -> list[str]:
 
 
 def serve(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False, insecure: bool = False,
-          echo: bool = True, timeout: float | None = None, on_started=None) -> RunResult:
+          echo: bool = True, timeout: float | None = None,
+          on_started: Callable[[Managed], None] | None = None) -> RunResult:
     """The coordinator: a SuperLink on the configured address, then the federation's run.
 
     TLS is on unless ``insecure``; with TLS and ``server.supernode_auth``, only the sites
@@ -248,7 +253,7 @@ def run_site(site: str, site_config: Path, superlink: str, *, ca_cert: Path | No
                     for line in new.splitlines():
                         if _REFUSED.search(line):
                             refused = line.strip()
-                        elif "Received: train" in line or "Received: evaluate" in line:
+                        elif "Receiving: " in line or "Sending: " in line:
                             print(f"site {site}: {line.strip()}", flush=True)
             except KeyboardInterrupt:
                 return 0

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from uharmony_fed import REGIONS
 from uharmony_fed.checkpoint import atomic_write_bytes, load_latest_checkpoint, save_checkpoint, save_payload
 from uharmony_fed.fed.strategies import build_strategy, load_strategy_state, strategy_state
+from uharmony_fed.fed.site_runtime import TRAIN_METRICS
 from uharmony_fed.fed.wire import ARRAYS, METRICS, SITE, RoundSpec
 from uharmony_fed.fedconfig import FedConfig, config_to_dict
 from uharmony_fed.model import build_model
@@ -49,15 +50,34 @@ def initial_shared_arrays(cfg: FedConfig) -> dict[str, torch.Tensor]:
 def check_reply(msg: Message, expected: dict[str, torch.Tensor], max_update_norm: float) -> str | None:
     """Why a train reply must not be aggregated, or None when it is sound.
 
-    Checks: exactly the shared keys and shapes, finite values, and (when configured)
-    an update norm ||w_site - w_global|| within the bound.
+    Checks: one ArrayRecord and one MetricRecord under the contract's names (Flower's
+    strategies skip the whole round's aggregation when one reply has more), exactly the
+    shared keys and shapes, finite values, the train metric names with a finite positive
+    ``num-examples`` (a NaN or infinite weight poisons a weighted average just like a NaN
+    array), and (when configured) an update norm ||w_site - w_global|| within the bound.
     """
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
     content = msg.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         return "reply lacks its arrays or metrics"
-    arrays = content[ARRAYS].to_torch_state_dict()
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return (f"extra records (arrays {sorted(content.array_records)}, "
+                f"metrics {sorted(content.metric_records)})")
+    metric_keys = set(content[METRICS].keys())
+    if metric_keys != set(TRAIN_METRICS):
+        # Flower also skips aggregation when metric names differ between replies.
+        return (f"metric names {sorted(metric_keys - set(TRAIN_METRICS))[:3]} unexpected, "
+                f"{sorted(set(TRAIN_METRICS) - metric_keys)[:3]} missing")
+    if any(not isinstance(v, (int, float)) for v in content[METRICS].values()):
+        return "a metric is not a scalar number"
+    num = content[METRICS]["num-examples"]
+    if not isinstance(num, (int, float)) or not math.isfinite(num) or num <= 0:
+        return f"num-examples {num!r} is not a finite positive number"
+    try:
+        arrays = content[ARRAYS].to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 - undecodable bytes are the sender's fault
+        return f"arrays cannot be decoded ({type(exc).__name__})"
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -70,19 +90,26 @@ def check_reply(msg: Message, expected: dict[str, torch.Tensor], max_update_norm
         if not torch.isfinite(got).all():
             return f"{key}: non-finite values"
         sq += float(((got.float() - ref.float()) ** 2).sum())
-    if max_update_norm > 0 and math.sqrt(sq) > max_update_norm:
+    if max_update_norm > 0 and not math.sqrt(sq) <= max_update_norm:
         return f"update norm {math.sqrt(sq):.3g} exceeds federation.max_update_norm {max_update_norm}"
-    num = content[METRICS].get("num-examples")
-    if not isinstance(num, (int, float)) or num <= 0:
-        return "num-examples missing or not positive"
     return None
 
 
-def site_name(msg: Message, known: dict[int, str]) -> str:
+def reply_node(msg: Message, sent: dict[str, int]) -> int:
+    """The node a reply answers for.
+
+    SuperLink answers for a node that stopped sending heartbeats with an error reply of its
+    own (its own node id as the source); the id of the message it replies to still names
+    the node. ``sent`` maps the ids of the messages sent this round to their nodes.
+    """
+    return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+
+def site_name(msg: Message, known: dict[int, str], node: int | None = None) -> str:
     """The site a reply came from (or its node id while it never said)."""
-    node = msg.metadata.src_node_id
+    node = msg.metadata.src_node_id if node is None else node
     if not msg.has_error() and SITE in msg.content.config_records:
-        known[node] = str(msg.content[SITE]["name"])
+        known[node] = str(msg.content[SITE].get("name", f"node-{node}"))[:64]
     return known.get(node, f"node-{node}")
 
 
@@ -170,9 +197,10 @@ def run_federation(grid: Grid, cfg: FedConfig, run_dir: Path, resume: bool = Fal
         say(f"[round {rnd}/{fed.rounds}] training at {len(messages)} of {len(cfg.sites)} sites "
             f"({len(nodes)} connected)")
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         good: list[Message] = []
         for msg in replies:
-            name = site_name(msg, known)
+            name = site_name(msg, known, reply_node(msg, sent))
             reason = check_reply(msg, arrays, fed.max_update_norm)
             if reason is None:
                 good.append(msg)
@@ -183,7 +211,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_dir: Path, resume: bool = Fal
             else:
                 runlog.append({"round": rnd, "phase": "rejected", "site": name, "reason": reason})
                 say(f"  {name}: update rejected: {reason}")
-        answered = {m.metadata.src_node_id for m in replies}
+        answered = {reply_node(m, sent) for m in replies}
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 name = known.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}")
@@ -216,14 +244,20 @@ def _evaluate_round(grid: Grid, strategy: Strategy, rnd: int, arrays: dict[str, 
                     record: ConfigRecord, timeout: float, runlog: RunLog,
                     known: dict[int, str]) -> dict[str, dict[str, float]]:
     messages = list(strategy.configure_evaluate(rnd, ArrayRecord(arrays), record, grid))
-    replies: Iterable[Message] = grid.send_and_receive(messages, timeout=timeout)
+    replies: Iterable[Message] = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
     per_site: dict[str, dict[str, float]] = {}
     for msg in replies:
-        name = site_name(msg, known)
+        name = site_name(msg, known, reply_node(msg, sent))
         if msg.has_error():
             say(f"  {name}: evaluation failed: {msg.error.reason}")
             continue
-        m = {k: float(v) for k, v in dict(msg.content[METRICS]).items()}
+        try:
+            m = {k: float(v) for k, v in dict(msg.content[METRICS]).items()}
+        except (KeyError, TypeError, ValueError):
+            # A malformed evaluation reply costs that site its row, not the run.
+            say(f"  {name}: evaluation reply malformed; ignored")
+            continue
         per_site[name] = m
         runlog.append({"round": rnd, "phase": "eval", "site": name, **m})
         say(f"  {name}: Dice {_dice_line(m)}")

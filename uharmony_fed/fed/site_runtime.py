@@ -7,6 +7,7 @@ same class directly to time the same local steps without Flower.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,11 @@ from uharmony_fed.policy import canonical_state, get_policy, load_shared, split_
 from uharmony_fed.train import evaluate, make_optimizer, pick_device, scheduled_lr, train_steps
 
 log = logging.getLogger(__name__)
+
+
+#: The metric names of every train reply; the server rejects replies with other names,
+#: because Flower's strategies refuse to aggregate replies whose names differ.
+TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "voxels-per-s", "skipped-cases")
 
 
 class SiteStateError(RuntimeError):
@@ -94,15 +100,17 @@ class SiteRuntime:
         """
         candidates = []
         if memory is not None:
-            candidates.append(LocalState.from_payload(memory))
-        if self.state_path.is_file():
+            candidates.append((LocalState.from_payload(memory), 0))
+        for rank, path in ((2, self.state_path), (1, self.previous_state_path)):
+            if not path.is_file():
+                continue
             try:
-                candidates.append(LocalState.from_payload(load_payload(self.state_path)))
+                candidates.append((LocalState.from_payload(load_payload(path)), rank))
             except CorruptFileError as exc:
-                log.warning("site %s: %s; starting its local part afresh", self.site.name, exc)
+                log.warning("site %s: %s; falling back to an older intact state", self.site.name, exc)
         if candidates:
-            # Ties go to the disk copy, which also holds the optimizer state.
-            best = max(reversed(candidates), key=lambda s: s.server_round)
+            # Ties go to the newest disk copy, which also holds the optimizer state.
+            best = max(candidates, key=lambda c: (c[0].server_round, c[1]))[0]
             if set(best.local) != set(self.local_keys):
                 missing = sorted(set(self.local_keys) - set(best.local))[:3]
                 extra = sorted(set(best.local) - set(self.local_keys))[:3]
@@ -127,8 +135,22 @@ class SiteRuntime:
         self.state = LocalState(server_round, self.state.step, self.local_tensors(),
                                 self.optimizer.state_dict())
         payload = self.state.to_payload()
+        # The last good file is kept one round back, so a file damaged on disk later
+        # costs one round of local progress, not all of it. A kill between the two steps
+        # leaves only the .prev file, which restore_state also reads.
+        if self.state_path.is_file():
+            os.replace(self.state_path, self.previous_state_path)
         save_payload(self.state_path, payload)
+        # A process killed mid-write leaves its temporary file; one site writes this folder.
+        for stale in self.state_path.parent.glob(f".{self.state_path.name}.tmp-*"):
+            if not stale.name.endswith(f"-{os.getpid()}"):
+                stale.unlink(missing_ok=True)
         return payload
+
+    @property
+    def previous_state_path(self) -> Path:
+        """The state file of the round before, kept as a fallback."""
+        return self.state_path.with_name(self.state_path.name + ".prev")
 
     # -- a round ---------------------------------------------------------------------
     def load_global(self, shared: dict[str, torch.Tensor]) -> None:
@@ -139,8 +161,10 @@ class SiteRuntime:
         """Train the configured local steps; return the reply's scalar metrics."""
         steps = spec.train.local_steps
         total = spec.total_rounds * steps
-        lrs = [scheduled_lr(spec.train.lr, spec.train.schedule, self.state.step + i, total)
-               for i in range(steps)]
+        # The schedule follows the federation's round, not the site's own step count, so a
+        # site that joins late (or missed rounds) decays with the others.
+        start = (spec.server_round - 1) * steps
+        lrs = [scheduled_lr(spec.train.lr, spec.train.schedule, start + i, total) for i in range(steps)]
         ref = None
         if spec.prox_mu > 0:
             ref = {k: v.detach().clone() for k, v in canonical_state(self.model).items()

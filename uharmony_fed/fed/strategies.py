@@ -6,7 +6,17 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 
 from uharmony_fed.fedconfig import FedConfig
 
@@ -81,10 +91,19 @@ def build_strategy(cfg: FedConfig) -> Strategy:
         msg = f"federation.strategy: unknown {name!r}{hint} (valid: {', '.join(STRATEGIES)})"
         raise ValueError(msg)
     try:
-        return STRATEGIES[name](cfg, dict(cfg.federation.strategy_args))
+        strategy = STRATEGIES[name](cfg, dict(cfg.federation.strategy_args))
     except TypeError as exc:
         msg = f"federation.strategy_args: {exc}"
         raise ValueError(msg) from exc
+    dp = cfg.federation.dp
+    if dp.mode == "off":
+        return strategy
+    # Flower's wrappers scale the noise by the number of sites sampled per round; the
+    # loop samples every connected site, at most all configured ones.
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if dp.mode == "server-fixed"
+               else DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(strategy, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
+                   num_sampled_clients=len(cfg.sites))
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
