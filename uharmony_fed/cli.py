@@ -127,13 +127,20 @@ def cmd_client(args: argparse.Namespace) -> int:
     return run_site(args.site, site_config, server, ca_cert=ca, key=key, port=args.port)
 
 
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from uharmony_fed import bench
+
+    return bench.run(args)
+
+
 @command("certs")
 def cmd_certs(args: argparse.Namespace) -> int:
     from uharmony_fed.certs import enrolment_help, make_certs
 
     cfg = _config(args)
     sites = args.sites or list(cfg.sites)
-    make_certs(Path(args.out), hosts=args.host, sites=sites)
+    make_certs(Path(args.out), hosts=args.host, sites=sites, force=args.force)
     print(enrolment_help(Path(args.out), sites, f"{args.host[0]}:{cfg.server.port}"))
     return 0
 
@@ -282,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host", action="append", default=None,
                    help="server host name or IP for the certificate (repeatable; default localhost, 127.0.0.1)")
     q.add_argument("--sites", nargs="*", help="site names to make keys for (default: the config's sites)")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing CA and server certificate (every site then needs the new ca.crt)")
 
     q = add("train", "train one site alone, without a federation (checks data and model end to end)")
     with_config(q)
@@ -319,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="the universal model file to write (e.g. universal.pt)")
     q.add_argument("--temperature", type=float, default=1.0,
                    help="gate temperature: smaller picks one site more sharply (default 1.0)")
+
+    from uharmony_fed import bench
+
+    bench.add_parser(sub)
     return p
 
 
