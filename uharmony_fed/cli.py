@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from uharmony_fed.checkpoint import CorruptFileError
 from uharmony_fed.config import ConfigError
 from uharmony_fed.data.errors import DataError
 
@@ -167,18 +168,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 @command("predict")
 def cmd_predict(args: argparse.Namespace) -> int:
-    from uharmony_fed.checkpoint import CorruptFileError
-    from uharmony_fed.data import DataError
     from uharmony_fed.predict import predict_to_files
 
     if getattr(args, "universal", False):
         return _predict_universal(args)
-    try:
-        res = predict_to_files(args.model, args.site_config, args.input, args.output, overlay=args.overlay,
-                               label=args.label, threshold=args.threshold, device=args.device)
-    except (DataError, CorruptFileError) as exc:
-        print(f"uharmony-fed predict: error: {exc}", file=sys.stderr)
-        return 1
+    res = predict_to_files(args.model, args.site_config, args.input, args.output, overlay=args.overlay,
+                           label=args.label, threshold=args.threshold, device=args.device)
     counts = ", ".join(f"{v}: {n:,}" for v, n in sorted(res.label_counts.items()))
     print(f"{res.case_id}: wrote {res.output} (federation {res.federation}, policy {res.policy}; "
           f"voxels per label {counts})")
@@ -189,17 +184,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_universal(args: argparse.Namespace) -> int:
     """``predict --universal``: segment with a universal model (no site id)."""
-    from uharmony_fed.checkpoint import CorruptFileError
-    from uharmony_fed.data import DataError
     from uharmony_fed.predict import predict_universal_to_files
 
-    try:
-        res = predict_universal_to_files(args.model, args.site_config, args.input, args.output,
-                                         overlay=args.overlay, label=args.label, threshold=args.threshold,
-                                         device=args.device)
-    except (DataError, CorruptFileError) as exc:
-        print(f"uharmony-fed predict: error: {exc}", file=sys.stderr)
-        return 1
+    res = predict_universal_to_files(args.model, args.site_config, args.input, args.output,
+                                     overlay=args.overlay, label=args.label, threshold=args.threshold,
+                                     device=args.device)
     counts = ", ".join(f"{v}: {n:,}" for v, n in sorted(res.label_counts.items()))
     gate = ", ".join(f"{s} {w:.2f}" for s, w in sorted((res.gate or {}).items(), key=lambda kv: -kv[1]))
     print(f"{res.case_id}: wrote {res.output} (universal model of federation {res.federation}; "
@@ -348,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"uharmony-fed {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    except DataError as exc:
-        print(f"uharmony-fed {args.command}: data error: {exc}", file=sys.stderr)
+    except (DataError, CorruptFileError) as exc:
+        print(f"uharmony-fed {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as exc:
         print(f"uharmony-fed {args.command}: error: {exc}", file=sys.stderr)

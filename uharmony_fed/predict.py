@@ -489,6 +489,15 @@ def predict_to_files(
     sm = load_site_model(model_ckpt, site, device)
     case, sub = case_from_input(input_path, site)
     seg = predict_case(sm, sub, case, threshold=threshold)
+    title = f"{case.case_id}: site {site.name}, federation {sm.federation} ({sm.policy})"
+    output, drawn, counts = _write_outputs(seg, case, sub, site, output, overlay, label, title)
+    return PredictResult(case.case_id, output, drawn, counts, sm.federation, sm.policy)
+
+
+def _write_outputs(seg: nib.Nifti1Image, case: Case, sub: SiteConfig, site: SiteConfig, output: str | Path,
+                   overlay: str | Path | None, label: str | Path | None,
+                   title: str) -> tuple[Path, Path | None, dict[int, int]]:
+    """Save the segmentation (and the overlay, with ground truth if any); count voxels per label."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     nib.save(seg, output)
@@ -504,10 +513,8 @@ def predict_to_files(
             if truth.shape[:3] != seg.shape:
                 reason = f"label shape {truth.shape} differs from the case's {seg.shape}"
                 raise DataError(truth_path, reason, "pass the segmentation of this case")
-        title = f"{case.case_id}: site {site.name}, federation {sm.federation} ({sm.policy})"
         drawn = save_overlay(overlay, display_image(case, sub), seg, site, truth, title=title)
-    return PredictResult(case.case_id, output, drawn, {int(v): int(c) for v, c in zip(values, counts)},
-                         sm.federation, sm.policy)
+    return output, drawn, {int(v): int(c) for v, c in zip(values, counts)}
 
 
 # ----------------------------------------------------------------------------- universal
@@ -589,26 +596,10 @@ def predict_universal_to_files(
     um = UniversalModel.load(model, pick_device(device))
     case, sub = case_from_input(input_path, site)
     seg, gate = predict_case_universal(um, sub, case, threshold=threshold)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(seg, output)
-    values, counts = np.unique(np.asarray(seg.dataobj), return_counts=True)
-    drawn = None
-    if overlay is not None:
-        truth_path = Path(label) if label is not None else case.label
-        truth = None
-        if truth_path is not None:
-            if not Path(truth_path).is_file():
-                raise FileNotFoundError(f"{truth_path} not found; pass an existing --label file")
-            truth = nib.load(truth_path)
-            if truth.shape[:3] != seg.shape:
-                reason = f"label shape {truth.shape} differs from the case's {seg.shape}"
-                raise DataError(truth_path, reason, "pass the segmentation of this case")
-        best = max(gate, key=gate.__getitem__)
-        title = f"{case.case_id}: universal model of {um.federation} (gate: {best} {gate[best]:.2f})"
-        drawn = save_overlay(overlay, display_image(case, sub), seg, site, truth, title=title)
-    return PredictResult(case.case_id, output, drawn, {int(v): int(c) for v, c in zip(values, counts)},
-                         um.federation, "universal", gate)
+    best = max(gate, key=gate.__getitem__)
+    title = f"{case.case_id}: universal model of {um.federation} (gate: {best} {gate[best]:.2f})"
+    output, drawn, counts = _write_outputs(seg, case, sub, site, output, overlay, label, title)
+    return PredictResult(case.case_id, output, drawn, counts, um.federation, "universal", gate)
 
 
 __all__ = [
