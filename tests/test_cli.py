@@ -185,3 +185,20 @@ def test_shipped_configs():
     assert load_config(ROOT / "configs" / "demo.yaml") == load_config()
     smoke = load_config(ROOT / "configs" / "smoke.yaml")
     assert smoke.name == "smoke" and smoke.federation.rounds == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["make-demo", "--sites", "three"], "argument --sites: invalid int value: 'three'"),
+        (["simulat"], "argument COMMAND: invalid choice: 'simulat'"),
+        (["check-data"], "the following arguments are required: --data"),
+        (["check-data", "--data", "x", "--layout", "bids"], "argument --layout: invalid choice: 'bids'"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,9 +221,16 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes end in one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``--help`` explains each)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="uharmony-fed",
         description="Federated 3-D brain lesion segmentation with U-Harmony normalization on Flower. "
         "Every command defaults to the demo federation (configs/demo.yaml).",
