@@ -45,7 +45,7 @@ def instruction(node_id: int, arrays: dict[str, torch.Tensor]) -> Message:
 def reply(to: Message, arrays: dict[str, torch.Tensor], site: str = "hospitalA",
           **metrics: float) -> Message:
     """A site's train reply, built the way the ClientApp builds it."""
-    values = {"num-examples": 4.0, "train-loss": 0.5, "train-seconds": 1.0, "voxels-per-s": 1e6,
+    values = {"num-examples": 4.0, "unit-weight": 1.0, "train-loss": 0.5, "train-seconds": 1.0, "voxels-per-s": 1e6,
               "skipped-cases": 0.0, **metrics}
     return Message(RecordDict({ARRAYS: ArrayRecord({k: v.contiguous() for k, v in arrays.items()}),
                                METRICS: MetricRecord(values), SITE: ConfigRecord({"name": site})}),
@@ -290,6 +290,30 @@ def test_server_side_dp_clips_every_update(tmp_path: Path) -> None:
     assert 0.49 < float(update.norm()) <= 0.5 + 1e-5
     save_checkpoint(tmp_path, 1, {"strategy": strategy_state(strategy)})  # the wrapper checkpoints
     assert load_payload(tmp_path / "checkpoints" / "round-0001.ckpt")["strategy"]["clipping_norm"] == 0.5
+
+
+def test_accounted_dp_reports_growing_epsilon_and_checkpoints_it(tmp_path: Path) -> None:
+    """Server-side DP with noise: Flower's RDP accountant reports epsilon after every round."""
+    from uharmony_fed.checkpoint import load_payload, save_checkpoint
+    from uharmony_fed.fed.strategies import load_strategy_state, privacy_spent, strategy_state
+
+    cfg = load_config(overrides={"federation": {"dp": {"mode": "server-fixed", "noise_multiplier": 1.0,
+                                                       "clipping_norm": 0.5, "target_delta": 1e-5}}})
+    strategy = build_strategy(cfg)
+    spent = []
+    for rnd in (1, 2):
+        messages = list(strategy.configure_train(rnd, ArrayRecord(GLOBAL), ConfigRecord({}), _Grid()))
+        # Unequal example counts: accounted aggregation weights sites equally (unit-weight).
+        replies = [reply(m, {k: v + 1.0 for k, v in GLOBAL.items()}, **{"num-examples": 3.0 + i})
+                   for i, m in enumerate(messages)]
+        agg, _ = strategy.aggregate_train(rnd, replies)
+        assert agg is not None
+        spent.append(privacy_spent(strategy))
+    assert spent[0] is not None and 0 < spent[0] < spent[1]
+    save_checkpoint(tmp_path, 2, {"strategy": strategy_state(strategy)})
+    fresh = build_strategy(cfg)
+    load_strategy_state(fresh, load_payload(tmp_path / "checkpoints" / "round-0002.ckpt")["strategy"])
+    assert privacy_spent(fresh) == pytest.approx(spent[1])
 
 
 def test_client_side_dp_clips_before_the_update_leaves(tiny_demo: Path, tmp_path: Path) -> None:

@@ -45,13 +45,15 @@ class DPConfig:
 
     ``server-fixed``: the server clips each site's update and adds Gaussian noise to the
     aggregate; ``client-fixed``: each site clips its own update before it leaves, the
-    server adds the noise. Flower's epsilon accounting needs the ``dp-accounting``
-    package, which is not a dependency, so no epsilon is reported.
+    server adds the noise. With a positive noise multiplier and the fedavg strategy, the
+    epsilon spent at ``target_delta`` is accounted (Flower's RDP accountant) and reported
+    every round; accounted rounds weight every site equally, as the accounting assumes.
     """
 
     mode: Literal["off", "server-fixed", "client-fixed"] = "off"
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
+    target_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.noise_multiplier < 0 or not self.clipping_norm > 0:

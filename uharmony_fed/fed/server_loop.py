@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from uharmony_fed import REGIONS
 from uharmony_fed.checkpoint import atomic_write_bytes, load_latest_checkpoint, save_checkpoint, save_payload
-from uharmony_fed.fed.strategies import build_strategy, load_strategy_state, strategy_state
+from uharmony_fed.fed.strategies import build_strategy, load_strategy_state, privacy_spent, strategy_state
 from uharmony_fed.fed.site_runtime import TRAIN_METRICS
 from uharmony_fed.fed.wire import ARRAYS, METRICS, SITE, RoundSpec
 from uharmony_fed.fedconfig import FedConfig, config_to_dict
@@ -221,6 +221,11 @@ def run_federation(grid: Grid, cfg: FedConfig, run_dir: Path, resume: bool = Fal
             agg, _ = strategy.aggregate_train(rnd, good)
             if agg is not None:
                 arrays = {k: v.float() for k, v in agg.to_torch_state_dict().items()}
+            epsilon = privacy_spent(strategy)
+            if epsilon is not None:
+                runlog.append({"round": rnd, "phase": "privacy", "epsilon": epsilon,
+                               "delta": fed.dp.target_delta})
+                say(f"  privacy spent so far: epsilon {epsilon:.3f} at delta {fed.dp.target_delta:g}")
         else:
             say(f"  only {len(good)} usable updates (< min_sites {fed.min_sites}); "
                 "the global arrays stay as they were")

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 #: The metric names of every train reply; the server rejects replies with other names,
 #: because Flower's strategies refuse to aggregate replies whose names differ.
-TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "voxels-per-s", "skipped-cases")
+#: ``unit-weight`` (always 1) is the aggregation weight when DP accounting asks for equal weights.
+TRAIN_METRICS = ("num-examples", "unit-weight", "train-loss", "train-seconds", "voxels-per-s",
+                 "skipped-cases")
 
 
 class SiteStateError(RuntimeError):
@@ -175,6 +177,7 @@ class SiteRuntime:
         self.state.step += steps
         return {
             "num-examples": float(len(self.train_ds)),
+            "unit-weight": 1.0,
             "train-loss": stats.loss,
             "train-seconds": stats.seconds,
             "voxels-per-s": stats.voxels_per_s,

@@ -18,6 +18,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from flwr.serverapp import RdpAccountant
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+
 from uharmony_fed.fedconfig import FedConfig
 
 StrategyFactory = Callable[[FedConfig, dict[str, Any]], Strategy]
@@ -102,16 +105,41 @@ def build_strategy(cfg: FedConfig) -> Strategy:
     # loop samples every connected site, at most all configured ones.
     wrapper = (DifferentialPrivacyServerSideFixedClipping if dp.mode == "server-fixed"
                else DifferentialPrivacyClientSideFixedClipping)
+    accountant = None
+    if name == "fedavg" and dp.noise_multiplier > 0:
+        # Flower's accountant covers plain FedAvg with equal weights and no sampling
+        # amplification (every connected site takes part in every round).
+        strategy = FedAvg(**_common(cfg), weighted_by_key="unit-weight")
+        accountant = RdpAccountant(PrivacyConfig(
+            target_delta=dp.target_delta, population_size=len(cfg.sites),
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
     return wrapper(strategy, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
-                   num_sampled_clients=len(cfg.sites))
+                   num_sampled_clients=len(cfg.sites), accountant=accountant)
+
+
+def privacy_spent(strategy: Strategy) -> float | None:
+    """Epsilon spent so far by a DP-accounted strategy, else None."""
+    spent = getattr(strategy, "privacy_spent", None)
+    result = spent() if callable(spent) else None
+    return None if result is None else float(result.epsilon)
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """The strategy's mutable data (FedAdam's moments, ...) for a checkpoint."""
-    return {k: v for k, v in vars(strategy).items() if not callable(v)}
+    """The strategy's mutable data (FedAdam's moments, the DP accountant, ...) for a checkpoint."""
+    state: dict[str, Any] = {}
+    for key, value in vars(strategy).items():
+        if key == "accountant" and value is not None:
+            state[key] = {"state_dict": value.state_dict()}  # the accountant's own format
+        elif not callable(value):
+            state[key] = value
+    return state
 
 
 def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     """Put back what :func:`strategy_state` saved."""
     for key, value in state.items():
-        setattr(strategy, key, value)
+        if key == "accountant" and isinstance(value, dict) and "state_dict" in value:
+            strategy.accountant.load_state_dict(value["state_dict"])  # type: ignore[attr-defined]
+        else:
+            setattr(strategy, key, value)
