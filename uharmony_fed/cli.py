@@ -126,7 +126,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             raise FileNotFoundError(msg)
     if key is not None and not cfg.server.supernode_auth:
         key = None
-    return run_site(args.site, site_config, server, ca_cert=ca, key=key, port=args.port)
+    return run_site(args.site, site_config, server, ca_cert=ca, key=key, port=args.port, threads=args.threads)
 
 
 @command("bench")
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ca", help="CA certificate that signed the server (default <certs_dir>/ca.crt)")
     q.add_argument("--key", help="this site's private key (default <certs_dir>/sites/<site>.key)")
     q.add_argument("--port", type=int, default=0, help="local SuperNode port (default: a free one)")
+    q.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for training (default: all; use 1 when several sites share one machine)")
     q.add_argument("--insecure", action="store_true", help="no TLS and no site key (local trials only)")
 
     q = add("certs", "make a development CA, server certificate and site keys")

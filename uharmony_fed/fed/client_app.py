@@ -58,7 +58,8 @@ def site_config_path(context: Context) -> Path:
 
 
 def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, RoundSpec]:
-    threads = int(context.run_config.get("threads-per-site", 0))
+    # A site's own setting (node config, `client --threads`) wins over the simulation's.
+    threads = int(context.node_config.get("threads", context.run_config.get("threads-per-site", 0)))
     if threads > 0:
         torch.set_num_threads(threads)
     spec = RoundSpec.from_record(dict(msg.content[CONFIG]))

@@ -201,11 +201,18 @@ def serve(cfg: FedConfig, run_dir: Path | None = None, resume: bool = False, ins
     return RunResult(run_dir, rc, time.perf_counter() - start)
 
 
-def site_node_config(site: str, site_config: Path, audit_log: Path | None = None) -> dict[str, str]:
-    """The SuperNode's node config: the site's identity and where its site.yaml is."""
-    conf = {"site": site, "site-config": str(Path(site_config).resolve())}
+def site_node_config(site: str, site_config: Path, audit_log: Path | None = None,
+                     threads: int = 0) -> dict[str, str | int]:
+    """The SuperNode's node config: the site's identity, its site.yaml, and its CPU threads.
+
+    ``threads`` > 0 caps PyTorch's CPU threads; several sites sharing one machine need it,
+    since oversubscribed threads slow training several times over.
+    """
+    conf: dict[str, str | int] = {"site": site, "site-config": str(Path(site_config).resolve())}
     if audit_log is not None:
         conf["audit-log"] = str(Path(audit_log).resolve())
+    if threads > 0:
+        conf["threads"] = threads
     return conf
 
 
@@ -216,7 +223,7 @@ _REFUSED = re.compile(r"(Failed to activate SuperNode|code: 2004|PERMISSION_DENI
 
 def run_site(site: str, site_config: Path, superlink: str, *, ca_cert: Path | None, key: Path | None,
              port: int = 0, log_path: Path | None = None, audit_log: Path | None = None,
-             refusals: int = 4) -> int:
+             refusals: int = 4, threads: int = 0) -> int:
     """A hospital's SuperNode, in the foreground until stopped (Ctrl-C).
 
     While the server is not up, Flower's SuperNode reconnects with backoff by itself. If
@@ -234,7 +241,7 @@ def run_site(site: str, site_config: Path, superlink: str, *, ca_cert: Path | No
         from uharmony_fed.data import load_site_config
 
         log_path = Path(load_site_config(site_config).state_dir) / "logs" / "supernode.log"
-    conf = site_node_config(site, site_config, audit_log)
+    conf = site_node_config(site, site_config, audit_log, threads)
     for attempt in range(refusals + 1):
         node: Managed = start_supernode(superlink, port or free_port(), conf, log_path,
                                         ca_cert=ca_cert, auth_key=key)
