@@ -25,6 +25,7 @@ from uharmony_fed.fed.runtime import (
     managed,
     start_superlink,
     start_supernode,
+    strip_colors,
     write_flower_home,
 )
 
@@ -259,9 +260,9 @@ def run_site(site: str, site_config: Path, superlink: str, *, ca_cert: Path | No
                         offset = fh.tell()
                     for line in new.splitlines():
                         if _REFUSED.search(line):
-                            refused = line.strip()
+                            refused = strip_colors(line).strip()
                         elif "Receiving: " in line or "Sending: " in line:
-                            print(f"site {site}: {line.strip()}", flush=True)
+                            print(f"site {site}: {strip_colors(line).strip()}", flush=True)
             except KeyboardInterrupt:
                 return 0
         if refused is None:

@@ -246,7 +246,7 @@ def flwr_run(home: Path, connection: str, run_config: Mapping[str, object], log_
             for line in proc.stdout:
                 log_fh.write(line)
                 if echo:
-                    sys.stdout.write(_clean(line.decode(errors="replace")))
+                    sys.stdout.write(strip_colors(line.decode(errors="replace")))
                     sys.stdout.flush()
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"flwr run exceeded {timeout} s")
@@ -256,7 +256,7 @@ def flwr_run(home: Path, connection: str, run_config: Mapping[str, object], log_
                 Managed("flwr run", proc, log_path).stop()
 
 
-def _clean(line: str) -> str:
+def strip_colors(line: str) -> str:
     # Flower colours its log levels; keep the text readable in files and pipes.
     for code in ("\x1b[92m", "\x1b[93m", "\x1b[91m", "\x1b[0m", "\x1b[94m", "\x1b[1m"):
         line = line.replace(code, "")
