@@ -204,3 +204,30 @@ def test_tls_deployment_runs_with_two_of_three_sites_and_resumes(deployment, tmp
     assert state["round"] == 2 and set(state["local"]) == local
     assert not any(p.info["name"] == "flower-superlink" and str(cfg.server.port) in " ".join(p.info["cmdline"] or [])
                    for p in psutil.process_iter(["name", "cmdline"]))
+
+
+def test_sigterm_to_a_site_stops_its_supernode(smoke_root: Path, tmp_path: Path) -> None:
+    """systemd stops a site with SIGTERM: its SuperNode must go with it, not be orphaned."""
+    import signal
+
+    cmd = [sys.executable, "-m", "uharmony_fed.cli", "client", "--site", "hospitalA", "--insecure",
+           "--site-config", str(smoke_root / "hospitalA" / "site.yaml"),
+           "--server", f"127.0.0.1:{free_port()}"]  # nobody listens: the SuperNode keeps retrying
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def supernodes() -> list[psutil.Process]:
+            try:
+                return [c for c in psutil.Process(proc.pid).children(recursive=True)
+                        if "flower-supernode" in " ".join(c.cmdline())]
+            except psutil.NoSuchProcess:
+                return []
+
+        _wait_for(lambda: bool(supernodes()), 60, "the SuperNode to start")
+        children = supernodes()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"orphaned SuperNode(s): {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -342,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.host = ["localhost", "127.0.0.1"]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # A service manager stops us with SIGTERM: exit through Python's unwinding, so the Flower
+    # processes a command started (SuperLink, SuperNode) are stopped with it, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
