@@ -154,6 +154,22 @@ def fedavg(updates: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, to
     return {k: sum(t[k].float() * (n / total) for t, n in updates) for k in keys}  # type: ignore[misc]
 
 
+def train_and_average(runtimes: dict[str, SiteRuntime], arrays: dict[str, torch.Tensor],
+                      spec: RoundSpec) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """One in-process round: every site merges ``arrays`` and trains, then the weighted mean.
+
+    Returns:
+        The new global shared arrays (unchanged when nothing is shared) and each site's
+        train metrics.
+    """
+    updates, metrics = [], {}
+    for site, rt in runtimes.items():
+        rt.load_global(arrays)
+        metrics[site] = rt.train_round(spec)
+        updates.append((rt.shared_tensors(), metrics[site]["num-examples"]))
+    return (fedavg(updates) if updates[0][0] else arrays), metrics
+
+
 def run_inprocess(arm: str, cfg: FedConfig, run_dir: Path, eval_every: int | None = None,
                   log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, SiteRuntime],
                                                                dict[str, torch.Tensor]]:
@@ -179,14 +195,8 @@ def run_inprocess(arm: str, cfg: FedConfig, run_dir: Path, eval_every: int | Non
     for rnd in range(1, fed.rounds + 1):
         t0 = time.perf_counter()
         spec = RoundSpec.from_fed(cfg, rnd)
-        updates = []
-        for site, rt in runtimes.items():
-            rt.load_global(arrays)
-            m = rt.train_round(spec)
-            rows.append({"round": rnd, "phase": "train", "site": site, **m})
-            updates.append((rt.shared_tensors(), m["num-examples"]))
-        if updates[0][0]:
-            arrays = fedavg(updates)
+        arrays, trained = train_and_average(runtimes, arrays, spec)
+        rows += [{"round": rnd, "phase": "train", "site": site, **m} for site, m in trained.items()]
         if rnd % every == 0 or rnd == fed.rounds:
             for site, rt in runtimes.items():
                 rt.load_global(arrays)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from uharmony_fed.bench.arms import _runtimes, fedavg, reset_state
+from uharmony_fed.bench.arms import _runtimes, reset_state, train_and_average
 from uharmony_fed.fed.server_loop import initial_shared_arrays
 from uharmony_fed.fed.site_runtime import SiteRuntime
 from uharmony_fed.fed.wire import RoundSpec
@@ -134,12 +134,7 @@ def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, see
     def one_round(rnd: int, evaluate_now: bool) -> dict[str, dict[str, float]]:
         nonlocal arrays
         spec = RoundSpec.from_fed(cfg, rnd)
-        updates = []
-        for rt in runtimes.values():
-            rt.load_global(arrays)
-            m = rt.train_round(spec)
-            updates.append((rt.shared_tensors(), m["num-examples"]))
-        arrays = fedavg(updates)
+        arrays, _ = train_and_average(runtimes, arrays, spec)
         res = {}
         if evaluate_now:
             for site, rt in runtimes.items():
@@ -230,12 +225,7 @@ def _old_only_control(cfg: FedConfig, rounds_before: int, total: int, seed: int)
         if rnd == rounds_before + 1:
             set_determinism(seed=seed)  # as building the joiner's runtime does in the main arm
         spec = RoundSpec.from_fed(cfg, rnd)
-        updates = []
-        for rt in runtimes.values():
-            rt.load_global(arrays)
-            m = rt.train_round(spec)
-            updates.append((rt.shared_tensors(), m["num-examples"]))
-        arrays = fedavg(updates)
+        arrays, _ = train_and_average(runtimes, arrays, spec)
         if rnd in (rounds_before, total):
             res = {}
             for site, rt in runtimes.items():
