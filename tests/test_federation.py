@@ -9,30 +9,27 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-import yaml
 from flwr.app import ArrayRecord
 
-from uharmony_fed.certs import make_certs
 from uharmony_fed.checkpoint import checkpoint_path, load_payload
 from uharmony_fed.data import discover_cases, load_site_config
 from uharmony_fed.demo import make_demo
 from uharmony_fed.fed.audit import arrays_digest
-from uharmony_fed.fed.launch import simulate, site_node_config
-from uharmony_fed.fed.runtime import Managed, free_port, start_supernode
-from uharmony_fed.fedconfig import FedConfig, config_to_dict, load_config
+from uharmony_fed.fed.launch import simulate
+from uharmony_fed.fed.runtime import free_port
+from uharmony_fed.fedconfig import FedConfig, load_config
 from uharmony_fed.model import build_model
 from uharmony_fed.policy import get_policy, split_keys
 
+from loopback import SITES, Loopback, kill_tree, read_jsonl, start_server, wait_for
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-SITES = ("hospitalA", "hospitalB", "hospitalC")
 
 
 CASE_IDS: list[str] = []
@@ -57,10 +54,6 @@ def smoke_config(root: Path, **federation) -> FedConfig:
 def shared_and_local(cfg: FedConfig) -> tuple[set[str], set[str]]:
     shared, local = split_keys(build_model(cfg.model), get_policy(cfg.federation.policy))
     return set(shared), set(local)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def assert_payload_clean(rows: list[dict], shared: set[str], local: set[str]) -> None:
@@ -115,78 +108,33 @@ def test_simulation_trains_and_sends_only_shared_arrays(smoke_root: Path, tmp_pa
 # -- loopback deployment: TLS, site keys, k-of-n, resume ------------------------------------------
 
 
-def _server(cfg_path: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    """Start ``uharmony-fed server`` and wait until it has enrolled the site keys."""
-    cmd = [sys.executable, "-m", "uharmony_fed.cli", "server", "--config", str(cfg_path),
-           "--run-dir", str(run_dir), *extra]
-    log_path = run_dir.parent / f"server-{int(time.time() * 1000)}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for(lambda: "enrolled sites" in log_path.read_text(errors="replace"), 90,
-              "the server to enrol the sites", proc)
-    return proc
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    Managed("server", proc, Path("/dev/null")).kill()
-
-
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture
 def deployment(smoke_root: Path, tmp_path: Path):
     """A TLS + site-key deployment config on a free loopback port, and a site launcher."""
-    certs = tmp_path / "certs"
-    make_certs(certs, hosts=("localhost", "127.0.0.1"), sites=SITES)
-    cfg = smoke_config(smoke_root, wait_for_sites_s=6.0, round_timeout_s=240.0)
-    port = free_port()
-    cfg = replace(cfg, name=f"deploy{port}",
-                  server=replace(cfg.server, host="127.0.0.1", port=port, certs_dir=certs))
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    nodes: list[Managed] = []
-
-    def start_site(site: str) -> Managed:
-        node = start_supernode(f"127.0.0.1:{port}", free_port(),
-                               site_node_config(site, smoke_root / site / "site.yaml",
-                                                tmp_path / f"audit-{site}.jsonl"),
-                               tmp_path / f"{site}.log", ca_cert=certs / "ca.crt",
-                               auth_key=certs / "sites" / f"{site}.key")
-        nodes.append(node)
-        return node
-
-    yield cfg, cfg_path, start_site
-    for node in nodes:
-        node.stop()
+    dep = Loopback(smoke_config(smoke_root, wait_for_sites_s=6.0, round_timeout_s=240.0), tmp_path,
+                   "deploy", audit=True)
+    yield dep.cfg, dep.cfg_path, dep.start_site
+    dep.stop()
 
 
 def test_tls_deployment_runs_with_two_of_three_sites_and_resumes(deployment, tmp_path: Path) -> None:
     cfg, cfg_path, start_site = deployment
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    server = _server(cfg_path, run_dir)
+    server = start_server(cfg_path, run_dir)
     try:
         # hospitalC never connects: the round must start after the deadline with two sites.
         start_site("hospitalA")
         start_site("hospitalB")
-        _wait_for(lambda: checkpoint_path(run_dir, 1).is_file(), 240, "round 1", server)
-        _kill_tree(server)  # the coordinator dies after round 1
+        wait_for(lambda: checkpoint_path(run_dir, 1).is_file(), 240, "round 1", server)
+        kill_tree(server)  # the coordinator dies after round 1
         ckpt1 = load_payload(checkpoint_path(run_dir, 1))
-        server = _server(cfg_path, run_dir, "--resume")
+        server = start_server(cfg_path, run_dir, "--resume")
         server.wait(timeout=300)
         assert server.returncode == 0
     finally:
         if server.poll() is None:
-            _kill_tree(server)
+            kill_tree(server)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     trained = {(r["round"], r["site"]) for r in rows if r["phase"] == "train"}
     assert {s for r, s in trained if r == 2} == {"hospitalA", "hospitalB"}
@@ -222,7 +170,7 @@ def test_sigterm_to_a_site_stops_its_supernode(smoke_root: Path, tmp_path: Path)
             except psutil.NoSuchProcess:
                 return []
 
-        _wait_for(lambda: bool(supernodes()), 60, "the SuperNode to start")
+        wait_for(lambda: bool(supernodes()), 60, "the SuperNode to start")
         children = supernodes()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -6,28 +6,21 @@ SuperNodes on 127.0.0.1, bounded timeouts.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 
-from uharmony_fed.certs import make_certs
 from uharmony_fed.checkpoint import checkpoint_path, load_payload
 from uharmony_fed.demo import make_demo
-from uharmony_fed.fed.launch import site_node_config
-from uharmony_fed.fed.runtime import Managed, free_port, start_supernode
-from uharmony_fed.fedconfig import FedConfig, config_to_dict, load_config
+from uharmony_fed.fedconfig import load_config
 from uharmony_fed.model import build_model
 from uharmony_fed.policy import get_policy, split_keys
 
+from loopback import Loopback, kill_tree, read_jsonl, start_server, wait_for
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-SITES = ("hospitalA", "hospitalB", "hospitalC")
 
 
 @pytest.fixture(scope="module")
@@ -37,60 +30,17 @@ def smoke_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _server(cfg_path: Path, run_dir: Path) -> subprocess.Popen:
-    """Start ``uharmony-fed server`` and wait until it has enrolled the site keys."""
-    cmd = [sys.executable, "-m", "uharmony_fed.cli", "server", "--config", str(cfg_path), "--run-dir", str(run_dir)]
-    log_path = run_dir.parent / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for(lambda: "enrolled sites" in log_path.read_text(errors="replace"), 90,
-              "the server to enrol the sites", proc)
-    return proc
-
-
 @pytest.fixture
 def deployment(smoke_root: Path, tmp_path: Path):
     """A 3-round TLS + site-key deployment config on a free loopback port, and a site launcher."""
-    certs = tmp_path / "certs"
-    make_certs(certs, hosts=("localhost", "127.0.0.1"), sites=SITES)
     cfg = load_config(REPO / "configs" / "smoke.yaml")
-    port = free_port()
     # 6 mm voxels keep each round a few seconds of CPU, even on a busy machine.
-    cfg = replace(cfg, name=f"join{port}", data_root=smoke_root, demo=None,
-                  data=replace(cfg.data, spacing=(6.0, 6.0, 6.0)),
+    cfg = replace(cfg, data_root=smoke_root, demo=None, data=replace(cfg.data, spacing=(6.0, 6.0, 6.0)),
                   federation=replace(cfg.federation, rounds=3, wait_for_sites_s=6.0,
-                                                     round_timeout_s=240.0, eval_every=3),
-                  server=replace(cfg.server, host="127.0.0.1", port=port, certs_dir=certs))
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    nodes: list[Managed] = []
-
-    def start_site(site: str) -> Managed:
-        node = start_supernode(f"127.0.0.1:{port}", free_port(),
-                               site_node_config(site, smoke_root / site / "site.yaml"),
-                               tmp_path / f"{site}.log", ca_cert=certs / "ca.crt",
-                               auth_key=certs / "sites" / f"{site}.key")
-        nodes.append(node)
-        return node
-
-    yield cfg, cfg_path, start_site
-    for node in nodes:
-        node.stop()
+                                     round_timeout_s=240.0, eval_every=3))
+    dep = Loopback(cfg, tmp_path, "join")
+    yield dep.cfg, dep.cfg_path, dep.start_site
+    dep.stop()
 
 
 def test_a_site_joins_after_round_one_and_trains(deployment, tmp_path: Path) -> None:
@@ -98,18 +48,18 @@ def test_a_site_joins_after_round_one_and_trains(deployment, tmp_path: Path) -> 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     joiner_state = cfg.data_root / "hospitalC" / "state" / cfg.name / "local_state.ckpt"
-    server = _server(cfg_path, run_dir)
+    server = start_server(cfg_path, run_dir)
     try:
         start_site("hospitalA")
         start_site("hospitalB")
-        _wait_for(lambda: checkpoint_path(run_dir, 1).is_file(), 240, "round 1", server)
+        wait_for(lambda: checkpoint_path(run_dir, 1).is_file(), 240, "round 1", server)
         assert not joiner_state.exists()
         start_site("hospitalC")  # the newcomer: no state, never saw round 1
         server.wait(timeout=300)
         assert server.returncode == 0, (run_dir / "logs" / "flwr_run.log").read_text()[-3000:]
     finally:
         if server.poll() is None:
-            Managed("server", server, Path("/dev/null")).kill()
+            kill_tree(server)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     trained = {(r["round"], r["site"]) for r in rows if r["phase"] == "train"}
     assert {s for r, s in trained if r == 1} == {"hospitalA", "hospitalB"}

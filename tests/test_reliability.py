@@ -23,18 +23,16 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from uharmony_fed.certs import make_certs
-from uharmony_fed.checkpoint import checkpoint_path, load_latest_checkpoint, load_payload, save_payload
+from uharmony_fed.checkpoint import checkpoint_path, load_latest_checkpoint, load_payload
 from uharmony_fed.data import discover_cases, load_site_config
 from uharmony_fed.demo import make_demo
 from uharmony_fed.fed import client_app, site_runtime
-from uharmony_fed.fed.launch import simulate, site_node_config
-from uharmony_fed.fed.runtime import free_port, start_supernode
+from uharmony_fed.fed.launch import simulate
 from uharmony_fed.fed.server_loop import check_reply, initial_shared_arrays
 from uharmony_fed.fed.site_runtime import SiteRuntime
 from uharmony_fed.fed.strategies import build_strategy
 from uharmony_fed.fed.wire import ARRAYS, CONFIG, RoundSpec
-from uharmony_fed.fedconfig import config_to_dict, load_config
+from uharmony_fed.fedconfig import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("hospitalA", "hospitalB", "hospitalC")
@@ -225,13 +223,12 @@ def test_bad_case_skip_and_fail_in_simulation(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_site_killed_mid_training_rejoins_and_resumes(tmp_path: Path) -> None:
-    from test_federation import _kill_tree, _server, _wait_for, read_jsonl, shared_and_local
+    from test_federation import shared_and_local
+
+    from loopback import Loopback, kill_tree, read_jsonl, start_server, wait_for
 
     root = tmp_path / "data"
     make_demo(root, sites=3, cases=3, seed=0, spacing_mm=6.0, log=None)
-    certs = tmp_path / "certs"
-    make_certs(certs, hosts=("localhost", "127.0.0.1"), sites=SITES)
-    port = free_port()
     # Two sites keep it small on a shared 2-core machine; the round deadline must cover a
     # ClientApp's start-up (torch, MONAI, data) under load, and the dead site costs one deadline.
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides={
@@ -240,31 +237,20 @@ def test_site_killed_mid_training_rejoins_and_resumes(tmp_path: Path) -> None:
         "train": {"amp": False, "device": "cpu", "local_steps": 10},
         "federation": {"rounds": 3, "min_sites": 1, "wait_for_sites_s": 10.0, "round_timeout_s": 90.0,
                        "eval_every": 10}})
-    cfg = replace(cfg, name=f"kill{port}", data_root=root, demo=None,
-                  server=replace(cfg.server, host="127.0.0.1", port=port, certs_dir=certs))
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    dep = Loopback(replace(cfg, data_root=root, demo=None), tmp_path, "kill")
+    cfg, cfg_path, start = dep.cfg, dep.cfg_path, dep.start_site
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    nodes = []
-
-    def start(site: str):
-        node = start_supernode(f"127.0.0.1:{port}", free_port(),
-                               site_node_config(site, root / site / "site.yaml"),
-                               tmp_path / f"{site}.log", ca_cert=certs / "ca.crt",
-                               auth_key=certs / "sites" / f"{site}.key")
-        nodes.append(node)
-        return node
 
     state_c = root / "hospitalC" / "state" / cfg.name / "local_state.ckpt"
-    server = _server(cfg_path, run_dir)
+    server = start_server(cfg_path, run_dir)
     try:
         start("hospitalA")
         victim = start("hospitalC")
-        _wait_for(lambda: checkpoint_path(run_dir, 1).is_file(), 240, "round 1", server)
+        wait_for(lambda: checkpoint_path(run_dir, 1).is_file(), 240, "round 1", server)
         assert load_payload(state_c)["round"] == 1
         log_c = tmp_path / "hospitalC.log"
-        _wait_for(lambda: log_c.read_text(errors="replace").count("Receiving: train") >= 2, 60,
+        wait_for(lambda: log_c.read_text(errors="replace").count("Receiving: train") >= 2, 60,
                   "hospitalC to receive round 2", server)
         time.sleep(2.0)  # inside its round-2 ClientApp (starting up or training), before it saves
         victim.kill()
@@ -281,9 +267,8 @@ def test_site_killed_mid_training_rejoins_and_resumes(tmp_path: Path) -> None:
         assert server.wait(timeout=10) == 0
     finally:
         if server.poll() is None:
-            _kill_tree(server)
-        for node in nodes:
-            node.stop()
+            kill_tree(server)
+        dep.stop()
     rows = read_jsonl(run_dir / "metrics.jsonl")
     trained = {r: {x["site"] for x in rows if x["round"] == r and x["phase"] == "train"} for r in (1, 2, 3)}
     assert trained[1] == {"hospitalA", "hospitalC"}

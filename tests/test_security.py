@@ -213,7 +213,7 @@ def test_unenrolled_site_and_wrong_ca_are_refused(tmp_path: Path) -> None:
 
     import yaml
 
-    from test_federation import _kill_tree, _server, _wait_for
+    from loopback import kill_tree, start_server, wait_for
     from uharmony_fed.certs import make_certs
     from uharmony_fed.fed.launch import _REFUSED, site_node_config
     from uharmony_fed.fed.runtime import free_port, start_supernode
@@ -232,7 +232,7 @@ def test_unenrolled_site_and_wrong_ca_are_refused(tmp_path: Path) -> None:
     cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    server = _server(cfg_path, run_dir)
+    server = start_server(cfg_path, run_dir)
     nodes = []
     try:
         conf = site_node_config("hospitalC", tmp_path / "site.yaml")
@@ -244,7 +244,7 @@ def test_unenrolled_site_and_wrong_ca_are_refused(tmp_path: Path) -> None:
                                    max_retries=2, max_wait_time=20)
         nodes += [unenrolled, wrong_ca]
         for node in nodes:
-            _wait_for(lambda n=node: bool(_REFUSED.search(n.log_path.read_text(errors="replace")))
+            wait_for(lambda n=node: bool(_REFUSED.search(n.log_path.read_text(errors="replace")))
                       or n.proc.poll() is not None, 90, f"{node.log_path.name} to be refused", server)
         unenrolled_log = (tmp_path / "unenrolled.log").read_text(errors="replace")
         wrong_ca_log = (tmp_path / "wrong-ca.log").read_text(errors="replace")
@@ -257,7 +257,7 @@ def test_unenrolled_site_and_wrong_ca_are_refused(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
-        _kill_tree(server)
+        kill_tree(server)
     leaked = [p for p in [*run_dir.rglob("*"), *tmp_path.glob("*.log")]
               if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
     assert not leaked, leaked

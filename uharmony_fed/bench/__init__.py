@@ -314,7 +314,6 @@ def _overlay(cfg, runs: list[dict], arm: str, path: Path) -> Path | None:
     from uharmony_fed.bench.arms import personalized_model
     from uharmony_fed.bench.report import plot_overlay
     from uharmony_fed.data import build_datasets, load_site_config
-    from uharmony_fed.fedconfig import load_config
     from uharmony_fed.train import pick_device, predict_volume
 
     rec = next((r for r in runs if r["arm"] == arm and (Path(r["run_dir"]) / "final_shared.ckpt").is_file()), None)

@@ -156,7 +156,7 @@ def write_markdown(result: Mapping[str, Any], path: Path, pictures: Mapping[str,
     if meta.get("notes"):
         lines += ["## What this run is (and is not)", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     lines += ["## 1. Accuracy on the demo federation", "", accuracy_markdown(result["accuracy"]), ""]
-    lines += [f"Runtime per arm and seed: " + ", ".join(
+    lines += ["Runtime per arm and seed: " + ", ".join(
         f"{r['arm']}/s{r['seed']}: {r['runtime']} ({r['wall_s']:.0f} s)" for r in result["runs"]), ""]
     for key, caption in (("curves", "Dice against round"), ("site_bars", "Dice per site"),
                          ("overlay_best", "best policy overlay"), ("overlay_worst", "worst policy overlay")):
