@@ -221,3 +221,23 @@ def test_region_loss_per_sample_and_empty() -> None:
     assert none.item() == 0 and logits.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="annotated"):
         region_loss(logits, target, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_input_adapter_starts_as_identity_and_is_site_local() -> None:
+    """With the adapter on, the untrained network computes what it computes without it."""
+    from uharmony_fed.model import InputAdapter, param_roles
+    from uharmony_fed.policy import get_policy, split_keys
+
+    cfg = ModelConfig(features=(4, 8, 16), head_channels=4)
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    torch.manual_seed(0)
+    adapted = build_model(dataclasses.replace(cfg, input_adapter="linear"))
+    assert isinstance(adapted.adapter, InputAdapter)
+    adapted.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 4, 8, 8, 8)
+    torch.testing.assert_close(adapted(x), plain(x), rtol=1e-5, atol=1e-5)
+    adapter_keys = {k for k, r in param_roles(adapted).items() if r == "adapter"}
+    assert adapter_keys == {"adapter.conv.weight", "adapter.conv.bias"}
+    _, local = split_keys(adapted, get_policy("uharmony"))
+    assert adapter_keys <= set(local)

@@ -26,17 +26,17 @@ from uharmony_fed.policy import (
 DYN = ModelConfig(arch="dynunet", features=(4, 8, 16), head_channels=4)
 #: One model per architecture, with plain norms too (placement), so every role occurs.
 CONFIGS = {
-    "dynunet": dataclasses.replace(DYN, placement="first:1"),
+    "dynunet": dataclasses.replace(DYN, placement="first:1", input_adapter="linear"),
     "swinunetr": ModelConfig(arch="swinunetr", head_channels=4, placement="first:2"),
 }
 
 #: The DESIGN table, written out: which roles each strategy keeps at the site.
 TABLE = {
-    "local-only": {"backbone", "harmonize", "restore", "norm", "head"},
+    "local-only": {"backbone", "harmonize", "restore", "norm", "head", "adapter"},
     "fedavg": set(),
-    "fedbn": {"harmonize", "restore", "norm"},
-    "fedper": {"head"},
-    "uharmony": {"restore", "head"},
+    "fedbn": {"harmonize", "restore", "norm", "adapter"},
+    "fedper": {"head", "adapter"},
+    "uharmony": {"restore", "head", "adapter"},
     "centralized": set(),
 }
 
@@ -58,7 +58,10 @@ def test_registry_holds_the_design_table() -> None:
 
 
 def test_every_role_occurs(model: nn.Module) -> None:
-    assert set(param_roles(model).values()) == {"backbone", "harmonize", "restore", "norm", "head"}
+    roles = {"backbone", "harmonize", "restore", "norm", "head"}
+    if model.adapter is not None:
+        roles.add("adapter")
+    assert set(param_roles(model).values()) == roles
 
 
 @pytest.mark.parametrize("name", list(TABLE))
@@ -76,14 +79,15 @@ def test_split_contract(model: nn.Module, name: str) -> None:
     roles = param_roles(model)
     shared_roles = {roles[k] for k in shared}
     local_roles = {roles[k] for k in local}
+    adapter = {"adapter"} if model.adapter is not None else set()
     if name == "uharmony":
         assert shared_roles == {"backbone", "harmonize", "norm"}
-        assert local_roles == {"restore", "head"}
+        assert local_roles == {"restore", "head"} | adapter
     elif name == "fedbn":
         assert shared_roles == {"backbone", "head"}
-        assert local_roles == {"harmonize", "restore", "norm"}
+        assert local_roles == {"harmonize", "restore", "norm"} | adapter
     elif name == "fedper":
-        assert local_roles == {"head"} and "head" not in shared_roles
+        assert local_roles == {"head"} | adapter and "head" not in shared_roles
     elif name == "local-only":
         assert shared == []
     else:  # fedavg, centralized

@@ -19,7 +19,7 @@ from uharmony_fed import REGIONS
 from uharmony_fed.norm import NORM_NAME, Harmonize, Restore, UHarmonyLayerNorm, UHarmonyNorm
 
 #: Every state-dict tensor has exactly one of these roles (see :func:`param_roles`).
-ROLES: tuple[str, ...] = ("backbone", "harmonize", "restore", "norm", "head")
+ROLES: tuple[str, ...] = ("backbone", "harmonize", "restore", "norm", "head", "adapter")
 
 #: Module types whose own tensors have the role "norm" (plain normalization affines).
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -51,6 +51,10 @@ class ModelConfig:
         placement: which norms are U-Harmony: ``"all"``, ``"encoder"``, or ``"first:N"``
             (the first N encoder stages); the others are plain InstanceNorm/LayerNorm.
         prototypes: domain prototypes P of the head.
+        input_adapter: ``"none"`` feeds the union of sequences (declared-missing ones as
+            zero channels) straight to the backbone; ``"linear"`` puts a site-local 1x1x1
+            convolution (identity at start) in front of it, so each site learns its own
+            mixing of the sequences it has into the backbone's input.
     """
 
     arch: Literal["dynunet", "swinunetr"] = "dynunet"
@@ -65,6 +69,7 @@ class ModelConfig:
     restore: Literal["poly", "affine", "none"] = "poly"
     placement: str = "all"
     prototypes: int = 2
+    input_adapter: Literal["none", "linear"] = "none"
 
     def __post_init__(self) -> None:
         positive = {
@@ -274,26 +279,54 @@ class DomainGatedHead(nn.Module):
         return (logits, gate) if return_gate else logits
 
 
+class InputAdapter(nn.Module):
+    """Site-local 1x1x1 convolution of the input sequences, the identity at start.
+
+    A site's declared-missing channels are always zero, so their columns never train;
+    the rows let the site rebuild what the shared backbone expects in those channels
+    from the sequences it has, and recalibrate the ones it has.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, kernel_size=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 class UHarmonyNet(nn.Module):
     """A MONAI backbone followed by a :class:`DomainGatedHead`; one logit per region.
 
     Args:
         backbone: maps (N, in, *spatial) to (N, head_channels, *spatial).
         head: the site-local head.
+        adapter: optional site-local :class:`InputAdapter` in front of the backbone.
     """
 
-    def __init__(self, backbone: nn.Module, head: DomainGatedHead) -> None:
+    def __init__(self, backbone: nn.Module, head: DomainGatedHead, adapter: InputAdapter | None = None) -> None:
         super().__init__()
+        self.adapter = adapter
         self.backbone = backbone
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, len(REGIONS), *spatial); one sigmoid per region (ET, TC, WT)."""
+        """Logits (N, len(REGIONS) + extra, *spatial); one sigmoid per region (ET, TC, WT) and extra class."""
+        if self.adapter is not None:
+            x = self.adapter(x)
         return self.head(self.backbone(x))  # type: ignore[return-value]
 
 
-def build_model(cfg: ModelConfig) -> UHarmonyNet:
+def build_model(cfg: ModelConfig, extra_classes: int = 0) -> UHarmonyNet:
     """Build the network described by ``cfg``.
+
+    Args:
+        cfg: the network.
+        extra_classes: outputs after the regions' for classes only this site annotates
+            (``SiteConfig.extra_classes``); they live in the site-local head.
 
     Raises:
         ValueError: unknown ``cfg.arch`` (the valid names and a close match are given).
@@ -307,15 +340,17 @@ def build_model(cfg: ModelConfig) -> UHarmonyNet:
     n = cfg.encoder_stages_to_keep()
     if cfg.norm == "uharmony" and n is not None:
         _apply_placement(backbone, [m for stage in stages[:n] for m in stage])
-    head = DomainGatedHead(cfg.head_channels, len(REGIONS), prototypes=cfg.prototypes)
-    return UHarmonyNet(backbone, head)
+    head = DomainGatedHead(cfg.head_channels, len(REGIONS) + extra_classes, prototypes=cfg.prototypes)
+    adapter = InputAdapter(cfg.in_channels) if cfg.input_adapter == "linear" else None
+    return UHarmonyNet(backbone, head, adapter)
 
 
 def param_roles(model: nn.Module) -> dict[str, str]:
     """Role of every state-dict key (parameters and buffers, aliases included).
 
     Decided by module type: tensors owned by a :class:`Harmonize` are "harmonize", by a
-    :class:`Restore` "restore", anything under a :class:`DomainGatedHead` "head", owned by
+    :class:`Restore` "restore", anything under a :class:`DomainGatedHead` "head", under an
+    :class:`InputAdapter` "adapter", owned by
     a plain normalization layer (``NORM_TYPES``) "norm", everything else "backbone".
 
     Args:
@@ -332,6 +367,8 @@ def param_roles(model: nn.Module) -> dict[str, str]:
         ancestors = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
         if any(isinstance(m, DomainGatedHead) for m in ancestors):
             roles[key] = "head"
+        elif any(isinstance(m, InputAdapter) for m in ancestors):
+            roles[key] = "adapter"
         elif isinstance(owner, Harmonize):
             roles[key] = "harmonize"
         elif isinstance(owner, Restore):
@@ -349,10 +386,10 @@ _dice = DiceLoss(sigmoid=True, reduction="none")
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-    """Dice + BCE over the regions each sample's site annotates.
+    """Dice + BCE over the regions (and extra classes) each sample's site annotates.
 
     Args:
-        logits: (N, R, *spatial) raw outputs, R = ``len(REGIONS)``.
+        logits: (N, R, *spatial) raw outputs, R = ``len(REGIONS)`` plus the site's extra classes.
         target: (N, R, *spatial) binary masks (float).
         annotated: (N, R) bool; False regions contribute nothing (and no gradient).
 

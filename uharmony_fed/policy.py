@@ -67,9 +67,9 @@ def get_policy(name: str) -> SharingPolicy:
 for _policy in (
     SharingPolicy("local-only", frozenset(ROLES)),
     SharingPolicy("fedavg", frozenset()),
-    SharingPolicy("fedbn", frozenset({"harmonize", "restore", "norm"})),
-    SharingPolicy("fedper", frozenset({"head"})),
-    SharingPolicy("uharmony", frozenset({"restore", "head"})),
+    SharingPolicy("fedbn", frozenset({"harmonize", "restore", "norm", "adapter"})),
+    SharingPolicy("fedper", frozenset({"head", "adapter"})),
+    SharingPolicy("uharmony", frozenset({"restore", "head", "adapter"})),
     SharingPolicy("centralized", frozenset(), federated=False),
 ):
     register_policy(_policy)
