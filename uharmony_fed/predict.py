@@ -136,7 +136,7 @@ def load_site_model(model_ckpt: str | Path, site: SiteConfig, device: str = "aut
         raise ValueError(msg)
     model_cfg = parse(ModelConfig, payload["model"], f"{ckpt}: model")
     federation, policy = str(payload["name"]), get_policy(str(payload["policy"]))
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, extra_classes=len(site.extra_classes))
     load_shared(model, payload["arrays"], policy)
     _, local_keys = split_keys(model, policy)
     if local_keys:

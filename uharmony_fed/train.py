@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
@@ -57,6 +57,10 @@ class StepStats:
     voxels_per_s: float
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_tensor() if isinstance(t, MetaTensor) else t
+
+
 def train_steps(
     model: nn.Module,
     loader: DataLoader,
@@ -92,6 +96,10 @@ def train_steps(
         Mean loss, wall time and voxels per second of the steps.
     """
     model.train()
+    if device.type == "cpu":
+        # Late in a run, gradients and optimizer moments reach subnormal floats, which
+        # x86 CPUs compute tens of times slower; flushing them to zero changes nothing else.
+        torch.set_flush_denormal(True)
     named = dict(model.named_parameters())
     prox_pairs = []
     if prox_mu > 0 and prox_ref:
@@ -108,9 +116,11 @@ def train_steps(
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
         batch = next(batches)
-        image = batch["image"].to(device)
-        label = batch["label"].to(device)
-        annotated = batch["annotated"].to(device)
+        # Plain tensors: MONAI's MetaTensor would route every op of the step through
+        # its __torch_function__ (metadata is not needed to train).
+        image = _plain(batch["image"]).to(device)
+        label = _plain(batch["label"]).to(device)
+        annotated = _plain(batch["annotated"]).to(device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(image)
@@ -163,35 +173,41 @@ def evaluate(
     hd95: bool = False,
     amp: bool = True,
     progress: bool = False,
+    classes: Sequence[str] = REGIONS,
 ) -> dict[str, float]:
     """Dice (and HD95 on request) per region over whole validation volumes.
 
     Only the regions each case's site annotates are scored. A case with an empty
     reference and an empty prediction scores Dice 1 for that region.
 
+    Args:
+        classes: the model's output channels (``SiteConfig.classes``): the regions, then
+            a site's extra classes, which are scored but kept out of ``dice-mean``.
+
     Returns:
         ``{"dice-ET": ..., "dice-TC": ..., "dice-WT": ..., "dice-mean": ...}`` with the
-        regions that were annotated, plus ``hd95-*`` when asked and ``val-cases``.
+        regions that were annotated, ``dice-<class>`` of extra classes, plus ``hd95-*``
+        when asked and ``val-cases``.
     """
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none") if hd95 else None
-    scores: dict[str, list[float]] = {r: [] for r in REGIONS}
-    dists: dict[str, list[float]] = {r: [] for r in REGIONS}
+    scores: dict[str, list[float]] = {r: [] for r in classes}
+    dists: dict[str, list[float]] = {r: [] for r in classes}
     for item in tqdm(dataset, desc="validate", disable=not progress, leave=False):
-        image = item["image"].unsqueeze(0)
-        label = item["label"].unsqueeze(0).to(device)
+        image = _plain(item["image"]).unsqueeze(0)
+        label = _plain(item["label"]).unsqueeze(0).to(device)
         annotated = item["annotated"]
         pred = (predict_volume(model, image, roi_size, device=device, sw_batch_size=sw_batch_size,
                                overlap=overlap, amp=amp) > 0.5).float()
         per_region = dice(pred, label)[0]
         dists_row = hd(pred, label)[0] if hd is not None else None
-        for j, region in enumerate(REGIONS):
+        for j, region in enumerate(classes):
             if annotated[j] > 0:
                 scores[region].append(float(per_region[j]))
                 if dists_row is not None and math.isfinite(float(dists_row[j])):
                     dists[region].append(float(dists_row[j]))
     out: dict[str, float] = {}
-    for region in REGIONS:
+    for region in classes:
         if scores[region]:
             out[f"dice-{region}"] = float(np.mean(scores[region]))
         if dists[region]:

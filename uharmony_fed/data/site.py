@@ -42,6 +42,10 @@ class SiteConfig:
         regions: product region (ET, TC, WT) -> the site's label values in it; the
             regions present are the ones the site annotates. Empty means the layout's
             convention.
+        extra_classes: classes only this site annotates (for example a resection
+            cavity, ``RC: [4]``): class name -> its label values, none of them in a
+            region. They get their own outputs in the site's head (which must stay
+            local) and never enter the shared regions or their Dice mean.
         val_fraction: share of the site's cases held out for validation.
         bad_case_policy: ``"skip"`` excludes unusable cases and reports them;
             ``"fail"`` stops with a :class:`DataError`.
@@ -54,6 +58,7 @@ class SiteConfig:
     modalities: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     regions: dict[str, list[int]] = field(default_factory=dict)
+    extra_classes: dict[str, list[int]] = field(default_factory=dict)
     val_fraction: float = 0.34
     bad_case_policy: Literal["skip", "fail"] = "skip"
 
@@ -84,6 +89,22 @@ class SiteConfig:
             if not values or any(int(v) != v or v <= 0 for v in values):
                 msg = f"region {r!r} needs a list of positive label values, found {values!r}"
                 raise ValueError(msg)
+        in_regions = {int(v) for vs in self.regions.values() for v in vs}
+        seen: set[int] = set()
+        for name, values in self.extra_classes.items():
+            if name in REGIONS or not name.isidentifier():
+                msg = (f"extra class {name!r}: expected a new class name (letters, digits, _), "
+                       f"not one of the regions {', '.join(REGIONS)}")
+                raise ValueError(msg)
+            if not values or any(int(v) != v or v <= 0 for v in values):
+                msg = f"extra class {name!r} needs a list of positive label values, found {values!r}"
+                raise ValueError(msg)
+            clash = sorted((in_regions | seen) & {int(v) for v in values})
+            if clash:
+                msg = (f"extra class {name!r}: label values {clash} already belong to a region or another "
+                       "extra class; give each label value one meaning")
+                raise ValueError(msg)
+            seen.update(int(v) for v in values)
         if not 0.0 <= self.val_fraction < 1.0:
             msg = f"val_fraction must be in [0, 1), found {self.val_fraction}"
             raise ValueError(msg)
@@ -94,9 +115,15 @@ class SiteConfig:
         return tuple(r for r in REGIONS if r in self.regions)
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """The model's output channels for this site: :data:`REGIONS`, then its extra classes."""
+        return (*REGIONS, *self.extra_classes)
+
+    @property
     def label_values(self) -> tuple[int, ...]:
-        """Every non-zero label value the site uses, sorted."""
-        return tuple(sorted({int(v) for vs in self.regions.values() for v in vs}))
+        """Every non-zero label value the site uses (regions and extra classes), sorted."""
+        groups = [*self.regions.values(), *self.extra_classes.values()]
+        return tuple(sorted({int(v) for vs in groups for v in vs}))
 
     @property
     def present(self) -> tuple[str, ...]:
@@ -166,7 +193,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
 
 def _membership(site: SiteConfig) -> dict[int, frozenset[str]]:
-    return {v: frozenset(r for r, vs in site.regions.items() if v in vs) for v in site.label_values}
+    values = sorted({int(v) for vs in site.regions.values() for v in vs})
+    return {v: frozenset(r for r, vs in site.regions.items() if v in vs) for v in values}
 
 
 def site_label_to_regions(
@@ -179,21 +207,22 @@ def site_label_to_regions(
         site: the site whose ``regions`` mapping applies.
 
     Returns:
-        ``(masks, annotated)``: float32 masks ``(3, H, W, D)`` in :data:`REGIONS`
-        order (all zero for regions the site does not annotate) and a float32 ``(3,)``
-        vector with 1 for each annotated region. Same array library as ``label``.
+        ``(masks, annotated)``: float32 masks ``(C, H, W, D)`` in ``site.classes`` order
+        (:data:`REGIONS`, then the site's extra classes; all zero for regions the site
+        does not annotate) and a float32 ``(C,)`` vector with 1 for each annotated
+        class. Same array library as ``label``.
     """
     if label.ndim == 4 and label.shape[0] == 1:
         label = label[0]
     masks = []
-    for r in REGIONS:
-        values = site.regions.get(r, [])
+    for r in site.classes:
+        values = site.regions.get(r) or site.extra_classes.get(r, [])
         if isinstance(label, torch.Tensor):
             m = torch.isin(label, torch.as_tensor(values, dtype=label.dtype, device=label.device))
             masks.append(m.to(torch.float32))
         else:
             masks.append(np.isin(label, values).astype(np.float32))
-    annotated = [1.0 if r in site.regions else 0.0 for r in REGIONS]
+    annotated = [1.0 if r in site.regions or r in site.extra_classes else 0.0 for r in site.classes]
     if isinstance(label, torch.Tensor):
         return torch.stack(masks), torch.tensor(annotated, dtype=torch.float32)
     return np.stack(masks), np.asarray(annotated, dtype=np.float32)
@@ -222,10 +251,13 @@ def regions_to_site_labels(
     whose region-membership set (label ``v`` is in region ``r`` iff ``v`` is in
     ``site.regions[r]``) equals that set; if none does, the label with the smallest
     membership set containing it; failing that, the one sharing most regions. Ties
-    go to the smaller label value; an empty set gives 0.
+    go to the smaller label value; an empty set gives 0. A voxel outside every region
+    whose extra-class mask is above ``threshold`` gets that class's first label value
+    (the most probable class where several are).
 
     Args:
-        region_masks: ``(3, H, W, D)`` probabilities or binary masks in REGIONS order.
+        region_masks: ``(C, H, W, D)`` probabilities or binary masks in ``site.classes``
+            order (``C = 3`` also works for a site with extra classes: none written).
         site: the site whose label convention to write.
         threshold: a voxel is in a region when its mask is above this value.
 
@@ -234,9 +266,11 @@ def regions_to_site_labels(
     """
     if isinstance(region_masks, torch.Tensor):
         region_masks = region_masks.detach().cpu().numpy()
-    if region_masks.shape[0] != len(REGIONS):
-        msg = f"expected {len(REGIONS)} region channels {REGIONS}, found shape {region_masks.shape}"
+    if region_masks.shape[0] not in (len(REGIONS), len(site.classes)):
+        msg = f"expected {len(site.classes)} channels {site.classes}, found shape {region_masks.shape}"
         raise ValueError(msg)
+    extra = region_masks[len(REGIONS):]
+    region_masks = region_masks[: len(REGIONS)]
     members = _membership(site)
     on = region_masks > threshold
     code = np.zeros(region_masks.shape[1:], dtype=np.int64)
@@ -248,4 +282,10 @@ def regions_to_site_labels(
         for r in list(chosen):
             chosen.update(_NESTING.get(r, ()))
         lut[c] = _label_for(frozenset(chosen) & frozenset(site.annotated), members)
-    return lut[code]
+    labels = lut[code]
+    if len(extra):
+        best = extra.argmax(0)
+        firsts = np.asarray([vs[0] for vs in site.extra_classes.values()], dtype=np.int16)
+        put = (labels == 0) & (extra.max(0) > threshold)
+        labels[put] = firsts[best[put]]
+    return labels

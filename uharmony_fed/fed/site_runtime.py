@@ -70,8 +70,13 @@ class SiteRuntime:
         self.progress = progress
         self.device = pick_device(spec.train.device)
         set_determinism(seed=spec.seed)
-        self.model = build_model(spec.model).to(self.device)
+        self.model = build_model(spec.model, extra_classes=len(site.extra_classes)).to(self.device)
         self.policy = get_policy(spec.policy)
+        if site.extra_classes and "head" not in self.policy.local_roles:
+            msg = (f"site {site.name}: extra_classes {list(site.extra_classes)} need a site-local head, "
+                   f"but policy {spec.policy!r} shares the head; use policy uharmony, fedper or local-only, "
+                   "or remove extra_classes from site.yaml")
+            raise ValueError(msg)
         self.shared_keys, self.local_keys = split_keys(self.model, self.policy)
         self.train_ds, self.val_ds, self.skipped = build_datasets(site, spec.data, spec.seed)
         if len(self.train_ds) == 0:
@@ -189,7 +194,8 @@ class SiteRuntime:
         start = time.perf_counter()
         out = evaluate(self.model, self.val_ds, spec.data.roi_size, device=self.device,
                        sw_batch_size=spec.train.sw_batch_size, overlap=spec.train.sw_overlap,
-                       hd95=spec.train.hd95, amp=spec.train.amp, progress=self.progress)
+                       hd95=spec.train.hd95, amp=spec.train.amp, progress=self.progress,
+                       classes=self.site.classes)
         out["eval-seconds"] = time.perf_counter() - start
         out["num-examples"] = float(max(len(self.val_ds), 1))
         return out
