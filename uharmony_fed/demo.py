@@ -34,8 +34,10 @@ _CONTRAST = {
 }
 # Product compartments (BraTS 2023 values) -> each convention's label value.
 NETC, SNFH, ET = 1, 2, 3
+#: Resection cavity (BraTS 2024 post-treatment label 4): only the joining hospital has it.
+RC = 4
 _LABELS = {
-    "brats": {NETC: 1, SNFH: 2, ET: 3},
+    "brats": {NETC: 1, SNFH: 2, ET: 3, RC: 4},
     "msd": {NETC: 2, SNFH: 1, ET: 3},
     "wt": {NETC: 1, SNFH: 1, ET: 1},
 }
@@ -75,6 +77,7 @@ class Variant:
     layout: str  # brats | msd | datalist
     labels: str  # brats | msd | wt
     missing: tuple[str, ...] = ()
+    cavity: bool = False  # post-operative: a resection cavity (label 4, class RC) beside the tumour
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -84,11 +87,12 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 #: The hospital that joins later (``make_demo(..., joiner=True)``): a scanner unlike the
-#: others (RPI, coarse slices, Gaussian noise, a flat contrast curve) and only FLAIR and
-#: post-contrast T1.
+#: others (RPI, coarse slices, Gaussian noise, a flat contrast curve), only FLAIR and
+#: post-contrast T1, and post-operative cases with a class nobody else annotates: the
+#: resection cavity (``extra_classes: {RC: [4]}``).
 JOINER_NAME = "hospitalNew"
 JOINER = Variant(Scanner((1.2, 1.2, 1.6), "RPI", 0.85, 1200.0, 0.25, 0.05, False, "int16"), "glioma", "brats",
-                 "brats", ("t1n", "t2w"))
+                 "brats", ("t1n", "t2w"), cavity=True)
 
 # Decathlon Task01 channel names; a site lacking a sequence stores fewer channels.
 _MSD_NAMES = {"t2f": "FLAIR", "t1n": "T1w", "t1c": "T1gd", "t2w": "T2w"}
@@ -212,6 +216,17 @@ def _lesions(
     return out
 
 
+def _cavity(rng: np.random.Generator, lesion: np.ndarray, tissue: dict[str, np.ndarray], world: np.ndarray) -> np.ndarray:
+    """Resect part of the tumour: a fluid-filled cavity (:data:`RC`) centred on its rim."""
+    rim = (lesion == ET) | (lesion == SNFH)
+    center = _pick(rng, rim, world)
+    axes = rng.uniform(11.0, 16.0, 3)
+    d = np.sqrt((((world - center[:, None, None, None]) / axes[:, None, None, None]) ** 2).sum(0))
+    out = lesion.copy()
+    out[(d < 1.0) & (tissue["brain"] > 0.3)] = RC
+    return out
+
+
 def _bias(rng: np.random.Generator, shape: tuple[int, ...], amplitude: float) -> np.ndarray:
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
     terms = (x, y, z, x * y, y * z, x * z, x * x, y * y, z * z)
@@ -224,8 +239,10 @@ def _sequences(
 ) -> dict[str, np.ndarray]:
     """The four sequences as seen by ``scanner`` (skull-stripped, so zero outside the head)."""
     soft = {k: ndimage.gaussian_filter((lesion == v).astype(np.float32), 0.6) for k, v in (("netc", NETC), ("snfh", SNFH), ("et", ET))}
-    in_lesion = np.clip(sum(soft.values()), 0.0, 1.0)
+    cavity = ndimage.gaussian_filter((lesion == RC).astype(np.float32), 0.6)  # fluid: looks like CSF
+    in_lesion = np.clip(sum(soft.values()) + cavity, 0.0, 1.0)
     fractions = {k: tissue[k] * (1.0 - in_lesion) for k in ("csf", "gm", "wm")}
+    fractions["csf"] = fractions["csf"] + cavity
     fractions.update(soft)
     head = (tissue["brain"] > 0.3) | (lesion > 0)
     texture = 1.0 + 0.05 * ndimage.gaussian_filter(rng.standard_normal(lesion.shape).astype(np.float32), 1.0)
@@ -272,6 +289,8 @@ def _site_yaml(name: str, variant: Variant) -> dict:
     doc = {"name": name, "data_dir": "data", "layout": variant.layout, "modalities": modalities, "regions": regions}
     if variant.missing:
         doc["missing"] = list(variant.missing)
+    if variant.cavity:
+        doc["extra_classes"] = {"RC": [_LABELS[variant.labels][RC]]}
     return doc
 
 
@@ -326,8 +345,9 @@ def make_demo(
     With ``joiner``, one more hospital (:data:`JOINER_NAME`) is written for joining a
     running federation or testing a universal model on an unseen scanner: glioma-like
     lesions, BraTS layout and labels, only FLAIR and T1c (T1 and T2 declared
-    ``missing``), RPI, 1.6x thicker slices, Gaussian noise. The other hospitals' files
-    are the same with or without it.
+    ``missing``), RPI, 1.6x thicker slices, Gaussian noise, and a resection cavity in
+    every case (label 4, declared as the site's extra class ``RC``). The other
+    hospitals' files are the same with or without it.
 
     Args:
         out: the output folder (created).
@@ -363,6 +383,8 @@ def make_demo(
             rng = np.random.default_rng([seed, i, k])
             tissue = _anatomy(rng, affine, shape)
             lesion = _lesions(rng, variant.population, tissue, world, voxel)
+            if variant.cavity:
+                lesion = _cavity(rng, lesion, tissue, world)
             seqs = _sequences(rng, tissue, lesion, variant.scanner)
             label = np.zeros_like(lesion)
             for compartment, value in _LABELS[variant.labels].items():
