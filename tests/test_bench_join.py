@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from uharmony_fed.bench.join import format_markdown, goals
+from uharmony_fed.bench.join import format_markdown, format_seeds_markdown, goals, plot_seeds, summarize_seeds
 
 
 def _d(x: float) -> dict[str, float]:
@@ -39,3 +39,34 @@ def test_goals_and_table() -> None:
     r2 = _result(universal=False)
     assert goals(r2)["universal"]["met"] is None
     assert "| universal vs single site vs oracle | skipped |" in format_markdown(r2)
+
+
+def test_seed_summary_and_table(tmp_path) -> None:
+    runs = []
+    for seed, (uni, uniform) in enumerate(((0.385, 0.33), (0.30, 0.39))):
+        r = _result()
+        r["seed"] = seed
+        r["universal"]["universal_abc"] = _d(uni)
+        r["universal"]["universal_abc_uniform"] = _d(uniform)
+        r["universal"]["universal_abc_sharp"] = _d(0.30)
+        r["universal"]["gate_check"] = {"hospitalA": {"own_weight": [0.9, 1.0], "outside": [0.4, 0.5]},
+                                        "hospitalNew": {"own_weight": None, "outside": [30.0, 40.0]}}
+        r["goals"] = goals(r)
+        runs.append(r)
+    sm = summarize_seeds(runs)
+    gate, uniform = sm["rows"]["universal_gate"], sm["rows"]["universal_uniform"]
+    assert [round(v, 6) for v in gate["per_seed"]] == [38.5, 30.0]
+    assert abs(gate["mean"] - 34.25) < 1e-9 and abs(gate["sd"] - 6.0104076) < 1e-6
+    assert abs(uniform["mean"] - 36.0) < 1e-9
+    assert sm["goals_met"]["universal_gate"] == {"per_seed": [True, False], "met": 1, "of": 2}
+    assert sm["goals_met"]["universal_uniform"]["met"] == 1  # 33.0 is below hospitalB's 36.0
+    assert sm["best_single_site"] == ["hospitalB", "hospitalB"]
+    assert sm["old_val_own_weight"] == {"cases": 4, "mean": 0.95, "min": 0.9}
+    assert sm["joiner_outside"] == [30.0, 40.0, 30.0, 40.0]
+    c = {"seeds": [0, 1], "summary": sm, "wall_s_per_seed": [40.0, 41.0], "wall_s": 81.0,
+         "files": ["join_seed0.json", "join_seed1.json"]}
+    md = format_seeds_markdown(c, "python -m uharmony_fed.bench.join --out X --seeds 0 1")
+    assert "| universal(A,B,C) on hospitalNew, gate | 38.5 | 30.0 | 34.2 +- 6.0 | - | - |" in md
+    assert "| gap to oracle, gate | 1.5 | 10.0 | 5.8 +- 6.0 | within 2 of oracle and above every single site | 1/2 |" in md
+    assert "`python -m uharmony_fed.bench.join --out X --seeds 0 1`" in md
+    assert plot_seeds(c, tmp_path / "s.png").stat().st_size > 0

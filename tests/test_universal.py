@@ -23,8 +23,11 @@ from uharmony_fed.predict import load_site_model
 from uharmony_fed.universal import (
     DomainDescriptor,
     UniversalModel,
+    fallback_radii,
     first_norm_statistics,
     gate_distances,
+    gate_mahalanobis,
+    gate_weights,
     load_export,
     shrunk_variances,
 )
@@ -185,6 +188,47 @@ def test_gate_picks_the_site_of_a_held_out_case(tiny_demo: Path) -> None:
     assert hits / trials >= 0.8, f"gate accuracy {hits}/{trials} (chance 1/3)"
 
 
+def _synthetic_sites() -> tuple[list[DomainDescriptor], torch.Tensor, torch.Tensor]:
+    """Three sites of 8 cases in 16 dimensions, 10 units apart, unit spread."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.tensor([0.0, 10.0, 20.0])[:, None].expand(3, 16)
+    descs = [DomainDescriptor.from_features(c + torch.randn(8, 16, generator=gen)) for c in centers]
+    variances = shrunk_variances(descs)
+    return descs, torch.stack([d.mean for d in descs]), variances
+
+
+def test_gate_falls_back_to_uniform_far_from_every_site_and_stays_sharp_near_one() -> None:
+    descs, means, variances = _synthetic_sites()
+    radii = fallback_radii(descs, variances)
+    assert radii.shape == (3,) and bool((radii > 10.0).all()) and bool((radii < 25.0).all())
+
+    def weights(f: torch.Tensor, fallback: bool = True) -> torch.Tensor:
+        return gate_weights(gate_distances(f, means, variances), gate_mahalanobis(f, means, variances),
+                            radii if fallback else None)
+
+    gen = torch.Generator().manual_seed(1)
+    near = means[1] + 0.5 * torch.randn(4, 16, generator=gen)  # unseen cases of site 1
+    assert torch.equal(weights(near), weights(near, fallback=False))
+    assert bool((weights(near)[:, 1] > 0.99).all())
+
+    far = means[0] - 200.0 + torch.randn(4, 16, generator=gen)  # nearest to site 0, far from all
+    assert bool((weights(far, fallback=False)[:, 0] > 0.99).all())  # the plain softmax: one site
+    w = weights(far)
+    assert torch.allclose(w.sum(-1), torch.ones(4))
+    assert bool(((w - 1 / 3).abs() < 0.02).all()), w
+
+    # In between, the farther the case, the flatter the gate.
+    steps = torch.stack([means[0] - t * torch.ones(16) for t in (5.0, 20.0, 80.0)])
+    assert torch.all(weights(steps)[:, 0].diff() < 0)
+
+
+def test_a_universal_file_without_radii_still_loads(universal, tmp_path) -> None:
+    doc = load_payload(universal)
+    radii = torch.tensor(doc["gate"].pop("radii"))
+    save_payload(tmp_path / "old.pt", doc)
+    assert torch.allclose(UniversalModel.load(tmp_path / "old.pt").gate_radii, radii)
+
+
 def test_exported_gate_picks_each_sites_validation_case(fed_run, universal, tiny_demo) -> None:
     """The assembled gate, on each site's held-out validation case (not in its descriptor)."""
     from uharmony_fed.data import split_cases
@@ -249,7 +293,7 @@ def test_universal_model_loads_and_predicts_without_flower(universal) -> None:
 def test_demo_joiner_is_an_unseen_scanner_and_leaves_the_others_unchanged(universal, tmp_path) -> None:
     from uharmony_fed.demo import JOINER_NAME, make_demo
 
-    plain = make_demo(tmp_path / "plain", sites=1, cases=1, seed=0, spacing_mm=8.0, log=None)
+    make_demo(tmp_path / "plain", sites=1, cases=1, seed=0, spacing_mm=8.0, log=None)
     paths = make_demo(tmp_path / "join", sites=1, cases=1, seed=0, spacing_mm=8.0, log=None, joiner=True)
     assert [p.parent.name for p in paths] == ["hospitalA", JOINER_NAME]
     before = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file())

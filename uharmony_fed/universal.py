@@ -28,6 +28,16 @@ cases would otherwise give near-zero variances and an overconfident gate). With
 ``T = 2 / D`` it is the Bayes posterior over sites under equal priors; the default
 ``T = 1`` is softer, so an image between two scanners gets a mix. One forward per site
 with a noticeable weight (``> min_weight``), which is cheap enough on a CPU.
+
+Unseen scanners. The softmax names the nearest site even for an image far from every
+site, and the nearest scanner need not be the site whose restoration fits best. So each
+site has a *radius*: a distance (in ``m_s = mean_j (f_j - m_sj)^2 / v_sj``, the distance
+without its ``log v`` term) beyond which at most 1 % of its own unseen cases would lie,
+by a distribution-free bound (few cases per site make the tails heavy).
+A case ``k = min_s m_s / r_s > 1`` times farther than that from every site is outside
+the federation, and its gate is flattened toward uniform mixing:
+``gate = softmax / k^2 + (1 - 1 / k^2) / S``. Inside some site's radius the gate is the
+plain softmax.
 """
 
 from __future__ import annotations
@@ -44,10 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from uharmony_fed import REGIONS
 from uharmony_fed.checkpoint import load_payload, save_payload
 from uharmony_fed.config import parse, to_dict
 from uharmony_fed.data import DataConfig
-from uharmony_fed.model import NORM_TYPES, ModelConfig, build_model, param_roles
+from uharmony_fed.model import NORM_TYPES, ModelConfig, UHarmonyNet, build_model, param_roles
 from uharmony_fed.norm import UHarmonyNorm
 from uharmony_fed.policy import SharingPolicy, canonical_state, get_policy, load_shared
 
@@ -57,10 +68,12 @@ EXPORT_KIND = "uharmony_fed.site_export"
 UNIVERSAL_KIND = "uharmony_fed.universal_model"
 FORMAT_VERSION = 1
 #: The roles a site exports: exactly its personalization.
-EXPORT_ROLES: tuple[str, ...] = ("restore", "head")
+EXPORT_ROLES: tuple[str, ...] = ("restore", "head", "adapter")
 #: Pseudo-count of the pooled variance in each site's shrunk variance.
 DEFAULT_SHRINKAGE = 2.0
 DEFAULT_TEMPERATURE = 1.0
+#: At most this share of a site's own unseen cases may lie beyond its fallback radius.
+DEFAULT_OUTLIER_RATE = 0.01
 _LOG_EPS = 1e-6
 
 
@@ -162,7 +175,10 @@ def first_norm_statistics(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         found.append(torch.cat([mu, torch.log(var.sqrt() + _LOG_EPS)], dim=1))
         raise _Stop
 
-    norms = [m for m in net.modules() if _is_norm(m)]
+    # The shared backbone only: a site-local input adapter in front of it would make the
+    # statistics depend on whose parameters are loaded.
+    body = net.backbone if isinstance(net, UHarmonyNet) else net
+    norms = [m for m in body.modules() if _is_norm(m)]
     if not norms:
         msg = f"{type(net).__name__} has no normalization layer to take domain statistics from"
         raise ValueError(msg)
@@ -170,7 +186,7 @@ def first_norm_statistics(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     was_training = net.training
     net.eval()
     try:
-        net(x)
+        body(x)
     except _Stop:
         pass
     finally:
@@ -244,10 +260,50 @@ def shrunk_variances(descriptors: Sequence[DomainDescriptor], shrinkage: float =
     return (n * var + shrinkage * pooled) / (n + shrinkage)
 
 
+def gate_mahalanobis(feats: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+    """``m_s = mean_j (f_j - m_sj)^2 / v_sj`` for features ``(N, D)``; returns ``(N, S)``."""
+    diff = feats[:, None, :] - means[None]
+    return ((diff * diff) / variances[None]).mean(-1)
+
+
 def gate_distances(feats: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
     """``d_s = mean_j [(f_j - m_sj)^2 / v_sj + log v_sj]`` for features ``(N, D)``; returns ``(N, S)``."""
-    diff = feats[:, None, :] - means[None]
-    return ((diff * diff) / variances[None] + torch.log(variances)[None]).mean(-1)
+    return gate_mahalanobis(feats, means, variances) + torch.log(variances).mean(-1)[None]
+
+
+def fallback_radii(descriptors: Sequence[DomainDescriptor], variances: torch.Tensor,
+                   outlier_rate: float = DEFAULT_OUTLIER_RATE) -> torch.Tensor:
+    """Per site, how far (:func:`gate_mahalanobis`) its own unseen cases lie, but for ``outlier_rate``; ``(S,)``.
+
+    The site's own training cases lie at ``c_s = mean_j var_sj / v_sj`` on average (exact,
+    from the descriptor); a case not among them also carries the error of the site's
+    mean, a factor ``1 + 1 / n_s``: mean ``mu = (1 + 1 / n_s) max(1, c_s)`` (``max(1, .)``
+    keeps a site of one case, zero spread, from calling every case foreign). Its standard
+    deviation is at most ``sqrt(2) mu`` (a chi-square of one degree of freedom: the ``D``
+    statistics of an image move together, so no averaging over them is assumed).
+    Cantelli's inequality, which assumes no distribution, puts at most ``outlier_rate``
+    beyond ``mu + z sqrt(2) mu`` with ``z = sqrt(1 / outlier_rate - 1)``.
+    """
+    var = torch.stack([d.var for d in descriptors])
+    n = torch.tensor([float(d.count) for d in descriptors])
+    mu = (1.0 + 1.0 / n) * (var / variances).mean(-1).clamp_min(1.0)
+    z = (1.0 / outlier_rate - 1.0) ** 0.5
+    return mu * (1.0 + z * 2.0 ** 0.5)
+
+
+def gate_weights(distances: torch.Tensor, mahalanobis: torch.Tensor, radii: torch.Tensor | None,
+                 temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
+    """Site weights ``(N, S)``: ``softmax(-d / T)``, flattened toward uniform outside every radius.
+
+    With ``k = min_s m_s / r_s``, a case inside some site's radius (``k <= 1``) keeps the
+    softmax; one farther out gets ``softmax / k^2 + (1 - 1 / k^2) / S``, so the nearest
+    site counts less the farther the case is from all of them. ``radii=None``: the plain softmax.
+    """
+    sharp = torch.softmax(-distances / temperature, dim=-1)
+    if radii is None:
+        return sharp
+    keep = (mahalanobis / radii[None]).min(-1, keepdim=True).values.clamp_min(1.0) ** -2
+    return keep * sharp + (1.0 - keep) / distances.shape[-1]
 
 
 # ----------------------------------------------------------------------------- export
@@ -345,7 +401,8 @@ def assemble(model: str | Path, exports: Sequence[str | Path], out: str | Path, 
     """``uharmony-fed assemble``: one universal-model file from a run and the sites' exports.
 
     Every export must come from this run (same federation name and shared-array digest)
-    and hold exactly the model's restore and head keys with matching shapes.
+    and hold exactly the model's restore and head keys with matching shapes. The gate's
+    settings and each site's fallback radius (:func:`fallback_radii`) go into the file.
 
     Args:
         model: the finished run folder (or its ``final_shared.ckpt``).
@@ -404,6 +461,8 @@ def assemble(model: str | Path, exports: Sequence[str | Path], out: str | Path, 
             msg = f"{path}: site {doc['site']!r} is exported twice; pass one export per site"
             raise ValueError(msg)
         sites.append({"site": str(doc["site"]), "params": params, "descriptor": desc.to_dict()})
+    descs = [DomainDescriptor.from_dict(s["descriptor"]) for s in sites]
+    radii = fallback_radii(descs, shrunk_variances(descs, shrinkage))
     data, sw_batch_size, overlap = _run_settings(ckpt.parent / RUN_CONFIG)
     doc = {
         "kind": UNIVERSAL_KIND,
@@ -413,7 +472,7 @@ def assemble(model: str | Path, exports: Sequence[str | Path], out: str | Path, 
         "model": run["model"],
         "arrays": run["arrays"],
         "sites": sites,
-        "gate": {"temperature": float(temperature), "shrinkage": float(shrinkage)},
+        "gate": {"temperature": float(temperature), "shrinkage": float(shrinkage), "radii": radii.tolist()},
         "data": None if data is None else to_dict(data),
         "sw_batch_size": sw_batch_size,
         "overlap": overlap,
@@ -455,11 +514,13 @@ class UniversalModel(nn.Module):
         temperature: gate temperature.
         shrinkage: variance shrinkage pseudo-count.
         min_weight: sites whose gate weight is below this for every image are skipped.
+        radii: each site's fallback radius ``(S,)``; ``None``: :func:`fallback_radii` of the descriptors.
     """
 
     def __init__(self, model_cfg: ModelConfig, shared: Mapping[str, torch.Tensor], sites: Sequence[Mapping[str, Any]],
                  policy: str = "uharmony", temperature: float = DEFAULT_TEMPERATURE,
-                 shrinkage: float = DEFAULT_SHRINKAGE, min_weight: float = 1e-3) -> None:
+                 shrinkage: float = DEFAULT_SHRINKAGE, min_weight: float = 1e-3,
+                 radii: Sequence[float] | None = None) -> None:
         super().__init__()
         if not sites:
             raise ValueError("UniversalModel: expected at least one site")
@@ -481,6 +542,8 @@ class UniversalModel(nn.Module):
         descs = [DomainDescriptor.from_dict(s["descriptor"]) for s in sites]
         self.register_buffer("gate_means", torch.stack([d.mean for d in descs]))
         self.register_buffer("gate_vars", shrunk_variances(descs, shrinkage))
+        self.register_buffer("gate_radii", fallback_radii(descs, self.gate_vars) if radii is None
+                             else torch.as_tensor(radii, dtype=torch.float32).reshape(len(descs)))
         # Run settings of the federation, filled by load().
         self.data: DataConfig | None = None
         self.sw_batch_size = 2
@@ -490,6 +553,8 @@ class UniversalModel(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> UniversalModel:
         """Read a file written by :func:`assemble` (checksum verified), in eval mode on ``device``.
+
+        A file from before the fallback radii gets them computed from its descriptors.
 
         Raises:
             ValueError: not a universal-model file.
@@ -502,7 +567,7 @@ class UniversalModel(nn.Module):
         gate = doc.get("gate", {})
         um = cls(parse(ModelConfig, doc["model"], f"{path}: model"), doc["arrays"], doc["sites"],
                  policy=str(doc["policy"]), temperature=float(gate.get("temperature", DEFAULT_TEMPERATURE)),
-                 shrinkage=float(gate.get("shrinkage", DEFAULT_SHRINKAGE)))
+                 shrinkage=float(gate.get("shrinkage", DEFAULT_SHRINKAGE)), radii=gate.get("radii"))
         if doc.get("data") is not None:
             um.data = parse(DataConfig, doc["data"], f"{path}: data")
         um.sw_batch_size = int(doc.get("sw_batch_size", 2))
@@ -514,14 +579,24 @@ class UniversalModel(nn.Module):
         """``(N, D)`` first-layer statistics of images ``x``."""
         return first_norm_statistics(self.net, x)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Site weights ``(N, S)`` (rows sum to 1) of images ``x`` (whole volumes are best)."""
-        d = gate_distances(self.descriptor(x), self.gate_means, self.gate_vars)
-        return torch.softmax(-d / self.temperature, dim=-1)
+    def gate(self, x: torch.Tensor, fallback: bool = True) -> torch.Tensor:
+        """Site weights ``(N, S)`` (rows sum to 1) of images ``x`` (whole volumes are best).
+
+        ``fallback=False``: the plain softmax, without flattening far-away cases (:func:`gate_weights`).
+        """
+        f = self.descriptor(x)
+        return gate_weights(gate_distances(f, self.gate_means, self.gate_vars),
+                            gate_mahalanobis(f, self.gate_means, self.gate_vars),
+                            self.gate_radii if fallback else None, self.temperature)
+
+    def outside(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` ``k = min_s m_s / r_s``: how many radii images ``x`` lie from the nearest site (> 1: unseen)."""
+        m = gate_mahalanobis(self.descriptor(x), self.gate_means, self.gate_vars)
+        return (m / self.gate_radii[None]).min(-1).values
 
     def site_logits(self, x: torch.Tensor, s: int) -> torch.Tensor:
-        """Logits of site ``s``'s personalized model."""
-        return functional_call(self.net, self.sites[s].as_dict(), (x,))
+        """Region logits of site ``s``'s personalized model (a site's extra classes are dropped)."""
+        return functional_call(self.net, self.sites[s].as_dict(), (x,))[:, : len(REGIONS)]
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Gate-weighted logits ``(N, len(REGIONS), *spatial)``; ``gate`` ``(N, S)`` or ``(S,)`` overrides."""
@@ -561,8 +636,11 @@ __all__ = [
     "check_policy",
     "export_keys",
     "export_site",
+    "fallback_radii",
     "first_norm_statistics",
     "gate_distances",
+    "gate_mahalanobis",
+    "gate_weights",
     "load_export",
     "shared_digest",
     "shrunk_variances",

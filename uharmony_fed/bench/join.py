@@ -10,16 +10,21 @@ the shared arrays as :func:`uharmony_fed.bench.arms.run_inprocess`, policy ``uha
 4. local-only baseline for hospitalNew: ``rounds_after * local_steps`` steps alone;
 5. a universal model of hospitalA/B/C (their restore and head behind the domain gate),
    evaluated on hospitalNew's val cases against the best single old-site model and the
-   oracle (hospitalNew's own federated personalized model).
+   oracle (hospitalNew's own federated personalized model); next to the gate, two
+   reference arms: uniform mixing and the plain softmax gate (no unseen-scanner fallback).
 
-``python -m uharmony_fed.bench.join --out DIR`` writes ``DIR/join.json`` and ``DIR/join_bench.md``.
+``python -m uharmony_fed.bench.join --out DIR`` writes ``DIR/join.json`` and ``DIR/join_bench.md``;
+``--seeds 0 1 2`` runs each seed (``DIR/join_seed<N>.json``) and writes the spread over
+seeds to ``DIR/join_seeds.json``, ``DIR/join_seeds.md`` and ``DIR/join_seeds.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +78,23 @@ def _eval_on(model: torch.nn.Module, rt: SiteRuntime, spec: RoundSpec) -> dict[s
                           amp=spec.train.amp))
 
 
-def _eval_universal(um: torch.nn.Module, rt: SiteRuntime, spec: RoundSpec) -> tuple[dict[str, float], list]:
-    """Per-case gate on the whole volume, fixed for the sliding window; Dice per region over cases."""
+#: The universal model's gate arms: its gate, and two references (uniform mixing, the plain softmax).
+GATE_ARMS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    "gate": lambda um, x: um.gate(x)[0],
+    "uniform": lambda um, x: torch.full((len(um.site_names),), 1.0 / len(um.site_names), device=x.device),
+    "sharp": lambda um, x: um.gate(x, fallback=False)[0],
+}
+
+
+def _eval_universal(um: Any, rt: SiteRuntime, spec: RoundSpec, arm: str = "gate") -> tuple[dict[str, float], list]:
+    """Per-case gate (``GATE_ARMS[arm]``) on the whole volume, fixed for the sliding window; Dice per region."""
     from uharmony_fed.universal import GatedPredictor
 
     scores: dict[str, list[float]] = {}
     gates = []
     for item in rt.val_ds:
         with torch.no_grad():
-            gate = um.gate(torch.as_tensor(item["image"]).float()[None].to(rt.device))[0]
+            gate = GATE_ARMS[arm](um, torch.as_tensor(item["image"]).float()[None].to(rt.device))
         gates.append([round(float(g), 4) for g in gate])
         out = evaluate(GatedPredictor(um, gate).eval(), [item], spec.data.roi_size, device=rt.device,
                        sw_batch_size=spec.train.sw_batch_size, overlap=spec.train.sw_overlap, amp=spec.train.amp)
@@ -92,6 +105,26 @@ def _eval_universal(um: torch.nn.Module, rt: SiteRuntime, spec: RoundSpec) -> tu
     if res:
         res["dice-mean"] = sum(res.values()) / len(res)
     return res, gates
+
+
+def _gate_check(um: Any, runtimes: dict[str, SiteRuntime]) -> dict[str, dict[str, list[float]]]:
+    """Per site's val cases: ``um.outside``, and the weight on the site itself with and without the fallback.
+
+    The weights are ``None`` for a site not in ``um``.
+    """
+    out = {}
+    for name, rt in runtimes.items():
+        own, own_sharp, far = [], [], []
+        for item in rt.val_ds:
+            x = torch.as_tensor(item["image"]).float()[None].to(rt.device)
+            with torch.no_grad():
+                if name in um.site_names:
+                    s = um.site_names.index(name)
+                    own.append(round(float(um.gate(x)[0, s]), 4))
+                    own_sharp.append(round(float(um.gate(x, fallback=False)[0, s]), 4))
+                far.append(round(float(um.outside(x)[0]), 3))
+        out[name] = {"own_weight": own or None, "own_weight_sharp": own_sharp or None, "outside": far}
+    return out
 
 
 def _universal(cfg: FedConfig, arrays: dict[str, torch.Tensor], runtimes: dict[str, SiteRuntime]) -> torch.nn.Module:
@@ -111,8 +144,9 @@ def _universal(cfg: FedConfig, arrays: dict[str, torch.Tensor], runtimes: dict[s
 
 
 def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, seed: int = 0,
-                   universal: bool = True, control_run: bool = True, log: Any = print) -> dict[str, Any]:
-    """Run the join benchmark (see the module docstring); write ``out/join.json``."""
+                   universal: bool = True, control_run: bool = True, log: Any = print,
+                   json_name: str = "join.json") -> dict[str, Any]:
+    """Run the join benchmark (see the module docstring); write ``out/<json_name>``."""
     from uharmony_fed.demo import make_demo
 
     out = Path(out)
@@ -190,11 +224,16 @@ def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, see
         new_rt.load_global(arrays)
         oracle = _eval_on(new_rt.model, new_rt, final_spec)
         um = _universal(cfg, arrays, {s: runtimes[s] for s in OLD_SITES})
-        u_old, gates_old = _eval_universal(um, new_rt, final_spec)
+        uni = {"single_site": single, "oracle": oracle, "radii": [round(float(r), 3) for r in um.gate_radii],
+               "gate_check": _gate_check(um, runtimes)}
+        for arm in GATE_ARMS:
+            suffix = "" if arm == "gate" else f"_{arm}"
+            uni[f"universal_abc{suffix}"], gates = _eval_universal(um, new_rt, final_spec, arm)
+            if arm != "uniform":
+                uni[f"gates_abc{suffix}"] = gates
         um_all = _universal(cfg, arrays, {s: runtimes[s] for s in (*OLD_SITES, JOINER)})
-        u_all, gates_all = _eval_universal(um_all, new_rt, final_spec)
-        uni = {"single_site": single, "oracle": oracle, "universal_abc": u_old, "gates_abc": gates_old,
-               "universal_abcn": u_all, "gates_abcn": gates_all, "val_cases": len(new_rt.val_ds)}
+        uni["universal_abcn"], uni["gates_abcn"] = _eval_universal(um_all, new_rt, final_spec)
+        uni["val_cases"] = len(new_rt.val_ds)
         timings["universal_s"] = time.perf_counter() - t0
 
     result = {
@@ -210,7 +249,7 @@ def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, see
         "wall_s": time.perf_counter() - start,
     }
     result["goals"] = goals(result)
-    (out / "join.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / json_name).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -275,16 +314,24 @@ def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
                              "met": None if worst_c is None else worst_c <= GOAL_OLD_MAX_DROP}
     uni = r.get("universal")
     if uni:
-        u, o = _pts(uni.get("universal_abc")), _pts(uni.get("oracle"))
+        o = _pts(uni.get("oracle"))
         singles = [p for p in (_pts(d) for d in uni.get("single_site", {}).values()) if p is not None]
         best = max(singles) if singles else None
-        gap = None if u is None or o is None else o - u
-        above = None if u is None or best is None else u > best
-        out["universal"] = {"gap_to_oracle": gap, "margin_over_best_single": None if above is None else u - best,
-                            "met": None if gap is None or above is None else (gap <= GOAL_ORACLE_GAP and above)}
+        out["universal"] = _universal_goal(_pts(uni.get("universal_abc")), best, o)
+        for arm in ("uniform", "sharp"):
+            if uni.get(f"universal_abc_{arm}") is not None:
+                out[f"universal_{arm}"] = _universal_goal(_pts(uni[f"universal_abc_{arm}"]), best, o)
     else:
         out["universal"] = {"met": None}
     return out
+
+
+def _universal_goal(u: float | None, best: float | None, oracle: float | None) -> dict[str, Any]:
+    """Gap to the oracle, margin over the best single site, and whether both goals hold."""
+    gap = None if u is None or oracle is None else oracle - u
+    margin = None if u is None or best is None else u - best
+    met = None if gap is None or margin is None else (gap <= GOAL_ORACLE_GAP and margin > 0)
+    return {"gap_to_oracle": gap, "margin_over_best_single": margin, "met": met}
 
 
 def _f(x: float | None) -> str:
@@ -344,6 +391,12 @@ def format_markdown(r: dict[str, Any], command: str = "python -m uharmony_fed.be
                      f"{_f(_pts(uni.get('universal_abc')))} vs [{singles}] vs {_f(_pts(uni.get('oracle')))} "
                      f"(gap to oracle {_f(gu['gap_to_oracle'])}) | within {GOAL_ORACLE_GAP:.0f} of oracle, "
                      f"above every single site | {_met(gu['met'])} |")
+        for arm, label in (("uniform", "uniform mix"), ("sharp", "plain softmax gate, no fallback")):
+            if f"universal_{arm}" in g:
+                ga = g[f"universal_{arm}"]
+                lines.append(f"| (reference) universal(A,B,C), {label} | {_f(_pts(uni[f'universal_abc_{arm}']))} "
+                             f"(gap to oracle {_f(ga['gap_to_oracle'])}, margin over best single "
+                             f"{_f(ga['margin_over_best_single'])}) | same | {_met(ga['met'])} |")
         if uni.get("universal_abcn") is not None:
             lines.append(f"| (extra) universal(A,B,C,New) on hospitalNew | "
                          f"{_f(_pts(uni.get('universal_abcn')))} | - | - |")
@@ -358,10 +411,13 @@ def format_markdown(r: dict[str, Any], command: str = "python -m uharmony_fed.be
             "the gate. Oracle: hospitalNew's own federated personalized model. Single site: the global "
             "shared arrays with one old site's restore and head.",
             "",
-            f"Gate weights over (A, B, C) per val case: {uni.get('gates_abc')}; over (A, B, C, New): "
-            f"{uni.get('gates_abcn')}.",
+            f"Gate weights over (A, B, C) per val case: {uni.get('gates_abc')} (plain softmax: "
+            f"{uni.get('gates_abc_sharp')}); over (A, B, C, New): {uni.get('gates_abcn')}.",
             "",
         ]
+        if uni.get("gate_check"):
+            lines += [f"Gate of universal(A,B,C) per site's val cases (weight on the site itself; radii from "
+                      f"the nearest site, > 1: treated as unseen): {_gate_check_text(uni['gate_check'])}.", ""]
     if ctrl:
         same = (r.get("control_no_joiner") or {}).get("before") == r.get("before")
         lines += [
@@ -386,18 +442,205 @@ def format_markdown(r: dict[str, Any], command: str = "python -m uharmony_fed.be
     return "\n".join(lines)
 
 
+def _gate_check_text(check: dict[str, dict[str, Any]]) -> str:
+    return "; ".join(f"{s} " + (f"own weight {c['own_weight']}, " if c.get("own_weight") else "")
+                     + f"radii {c['outside']}" for s, c in check.items())
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+#: Rows of the multi-seed summary: name -> (label, figure of one run in Dice points or None).
+SEED_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
+    "joiner_federated": ("hospitalNew federated", lambda r: _pts(r.get("joiner"))),
+    "joiner_local_only": ("hospitalNew local-only", lambda r: _pts(r.get("local_only"))),
+    "joiner_gain": ("hospitalNew gain (federated - local-only)", lambda r: r["goals"]["new_vs_local"]["gain"]),
+    "old_worst_drop": ("old sites: worst drop before -> after", lambda r: r["goals"]["old_no_drop"]["worst_drop"]),
+    "old_worst_drop_vs_control": ("old sites: worst drop vs control (no joiner)",
+                                  lambda r: r["goals"]["old_vs_control"]["worst_drop"]),
+    "universal_gate": ("universal(A,B,C) on hospitalNew, gate",
+                       lambda r: _pts((r.get("universal") or {}).get("universal_abc"))),
+    "universal_uniform": ("universal(A,B,C), uniform mix (reference)",
+                          lambda r: _pts((r.get("universal") or {}).get("universal_abc_uniform"))),
+    "universal_sharp": ("universal(A,B,C), plain softmax gate (previous)",
+                        lambda r: _pts((r.get("universal") or {}).get("universal_abc_sharp"))),
+    "best_single_site": ("best single old site on hospitalNew", lambda r: _best_single(r)[1]),
+    "oracle": ("oracle (hospitalNew's own model)", lambda r: _pts((r.get("universal") or {}).get("oracle"))),
+    "gap_gate": ("gap to oracle, gate", lambda r: r["goals"]["universal"].get("gap_to_oracle")),
+    "margin_gate": ("margin over best single, gate",
+                    lambda r: r["goals"]["universal"].get("margin_over_best_single")),
+    "gap_uniform": ("gap to oracle, uniform",
+                    lambda r: r["goals"].get("universal_uniform", {}).get("gap_to_oracle")),
+    "margin_uniform": ("margin over best single, uniform",
+                       lambda r: r["goals"].get("universal_uniform", {}).get("margin_over_best_single")),
+}
+#: Goal -> (its key in :func:`goals`, the summary row it is judged on, the goal in words).
+SEED_GOALS: dict[str, tuple[str, str, str]] = {
+    "new_vs_local": ("new_vs_local", "joiner_gain", f"gain >= +{GOAL_NEW_GAIN:.0f}"),
+    "old_no_drop": ("old_no_drop", "old_worst_drop", f"no drop > {GOAL_OLD_MAX_DROP:.0f}"),
+    "old_vs_control": ("old_vs_control", "old_worst_drop_vs_control", f"no drop > {GOAL_OLD_MAX_DROP:.0f}"),
+    "universal_gate": ("universal", "gap_gate",
+                       f"within {GOAL_ORACLE_GAP:.0f} of oracle and above every single site"),
+    "universal_uniform": ("universal_uniform", "gap_uniform", "same, uniform reference arm"),
+}
+
+
+def _best_single(r: dict[str, Any]) -> tuple[str | None, float | None]:
+    singles = {s: _pts(d) for s, d in ((r.get("universal") or {}).get("single_site") or {}).items()}
+    singles = {s: p for s, p in singles.items() if p is not None}
+    if not singles:
+        return None, None
+    best = max(singles, key=singles.__getitem__)
+    return best, singles[best]
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Per-seed values with their mean, sample standard deviation, min and max (``None`` if any is missing)."""
+    out: dict[str, Any] = {"per_seed": list(values)}
+    if not values or any(v is None for v in values):
+        return {**out, "mean": None, "sd": None, "min": None, "max": None}
+    return {**out, "mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarize_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each summary row over seeds (:data:`SEED_ROWS`) and, per goal, in how many seeds it is met."""
+    rows = {k: {"label": label, **_spread([fn(r) for r in results])} for k, (label, fn) in SEED_ROWS.items()}
+    met = {}
+    for name, (key, _, _) in SEED_GOALS.items():
+        per_seed = [r["goals"].get(key, {}).get("met") for r in results]
+        met[name] = {"per_seed": per_seed, "met": sum(m is True for m in per_seed), "of": len(per_seed)}
+    own = [w for r in results for c in ((r.get("universal") or {}).get("gate_check") or {}).values()
+           for w in (c.get("own_weight") or [])]
+    far = [k for r in results for k in ((r.get("universal") or {}).get("gate_check") or {})
+           .get(JOINER, {}).get("outside", [])]
+    return {"seeds": [r["seed"] for r in results], "rows": rows, "goals_met": met,
+            "best_single_site": [_best_single(r)[0] for r in results],
+            "old_val_own_weight": {"cases": len(own), "mean": statistics.fmean(own) if own else None,
+                                   "min": min(own, default=None)},
+            "joiner_outside": far}
+
+
+def run_seeds(out: Path, seeds: Sequence[int], rounds_before: int = 4, rounds_after: int = 4,
+              universal: bool = True, control_run: bool = True, log: Any = print) -> dict[str, Any]:
+    """Run the join benchmark once per seed (``out/join_seed<N>.json``); write and return ``out/join_seeds.json``."""
+    start = time.perf_counter()
+    results = []
+    for seed in seeds:
+        log(f"-- seed {seed}")
+        results.append(run_join_bench(out, rounds_before, rounds_after, seed, universal=universal,
+                                      control_run=control_run, log=log, json_name=f"join_seed{seed}.json"))
+    first = results[0]
+    combined = {
+        "seeds": list(seeds), "rounds_before": rounds_before, "rounds_after": rounds_after,
+        "local_steps": first["local_steps"], "cases_per_site": first["cases_per_site"], "policy": first["policy"],
+        "sizes": first["sizes"], "val_cases": first["val_cases"],
+        "files": [f"join_seed{s}.json" for s in seeds],
+        "wall_s_per_seed": [r["wall_s"] for r in results], "wall_s": time.perf_counter() - start,
+        "summary": summarize_seeds(results),
+    }
+    (Path(out) / "join_seeds.json").write_text(json.dumps(combined, indent=2) + "\n")
+    return combined
+
+
+def _cell(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def format_seeds_markdown(c: dict[str, Any], command: str) -> str:
+    """The multi-seed report: per-seed figures, mean +- sd, and per goal in how many seeds it is met."""
+    sm, seeds = c["summary"], c["seeds"]
+    sz = c.get("sizes", {})
+    head = "| Row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- sd | Goal | Met in |"
+    lines = [
+        "# Join benchmark over several seeds",
+        "",
+        f"Seeds {seeds}; demo data, {c.get('cases_per_site')} cases per site (val cases: "
+        + ", ".join(f"{s} {n}" for s, n in (c.get("val_cases") or {}).items()) + "); "
+        f"features {sz.get('features')}, roi {sz.get('roi_size')}, {c.get('local_steps')} local steps per round, "
+        f"{c.get('rounds_before')} rounds of hospitalA/B/C, then {c.get('rounds_after')} rounds of all four; "
+        f"policy {c.get('policy')}, in-process. The seed sets initialization, split and sampling; the demo "
+        "data are the same for every seed.",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {c.get('wall_s', 0.0):.0f} s on 2 CPU cores (per seed: "
+        + ", ".join(f"{w:.0f} s" for w in c.get("wall_s_per_seed", [])) + ").",
+        "",
+        "Dice-mean in points; sd is the sample standard deviation over seeds.",
+        "",
+        head,
+        "|---" * (len(seeds) + 4) + "|",
+    ]
+    judged = {row: name for name, (_, row, _) in SEED_GOALS.items()}
+    for key, row in sm["rows"].items():
+        goal, met = "-", "-"
+        if key in judged:
+            name = judged[key]
+            goal = SEED_GOALS[name][2]
+            gm = sm["goals_met"][name]
+            met = f"{gm['met']}/{gm['of']}"
+        mean = "n/a" if row["mean"] is None else f"{row['mean']:.1f} +- {row['sd']:.1f}"
+        lines.append(f"| {row['label']} | " + " | ".join(_cell(v) for v in row["per_seed"])
+                     + f" | {mean} | {goal} | {met} |")
+    own = sm["old_val_own_weight"]
+    lines += [
+        "",
+        "The universal goal counts a seed as met when the gap to the oracle is at most "
+        f"{GOAL_ORACLE_GAP:.0f} points and the margin over the best single site is positive.",
+        f"Best single old site per seed: {sm['best_single_site']}.",
+        "",
+        f"In-distribution check (universal(A,B,C) on hospitalA/B/C's own val cases, {own['cases']} cases over all "
+        f"seeds): gate weight on the case's own site mean {_cell(None if own['mean'] is None else 100 * own['mean'])}%, "
+        f"min {_cell(None if own['min'] is None else 100 * own['min'])}%. hospitalNew's val cases lie "
+        f"{', '.join(f'{k:.0f}' for k in sm['joiner_outside'])} radii from the nearest old site.",
+        "",
+        "Per-seed results: " + ", ".join(f"[{f}]({f})" for f in c.get("files", [])) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_seeds(c: dict[str, Any], path: Path) -> Path:
+    """Per-seed bars on hospitalNew: best single site, the three universal arms, the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("best_single_site", "universal_sharp", "universal_uniform", "universal_gate", "oracle")
+    rows = c["summary"]["rows"]
+    groups = [f"seed {s}" for s in c["seeds"]] + ["mean"]
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, k in enumerate(keys):
+        vals = [v if v is not None else 0.0 for v in rows[k]["per_seed"]] + [rows[k]["mean"] or 0.0]
+        xs = [g + (i - (len(keys) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, vals, width, label=rows[k]["label"])
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("Dice-mean on hospitalNew (points)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
+    ax.set_title("Universal model on an unseen hospital")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m uharmony_fed.bench.join", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rounds-before", type=int, default=4)
     p.add_argument("--rounds-after", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", help="run each of these seeds and report the spread")
     p.add_argument("--no-universal", action="store_true")
     p.add_argument("--no-control", action="store_true", help="skip the old-sites-without-joiner control")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.seeds:
+        _main_seeds(a)
+        return
     r = run_join_bench(a.out, a.rounds_before, a.rounds_after, a.seed, universal=not a.no_universal,
                        control_run=not a.no_control)
     cmd = f"python -m uharmony_fed.bench.join --out {a.out}"
@@ -408,8 +651,25 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
 
 
+def _main_seeds(a: argparse.Namespace) -> None:
+    c = run_seeds(a.out, a.seeds, a.rounds_before, a.rounds_after, universal=not a.no_universal,
+                  control_run=not a.no_control)
+    cmd = f"python -m uharmony_fed.bench.join --out {a.out} --seeds {' '.join(map(str, a.seeds))}"
+    if (a.rounds_before, a.rounds_after) != (4, 4):
+        cmd += f" --rounds-before {a.rounds_before} --rounds-after {a.rounds_after}"
+    if a.threads:
+        cmd += f" --threads {a.threads}"
+    md = format_seeds_markdown(c, cmd)
+    if not a.no_universal:
+        plot_seeds(c, Path(a.out) / "join_seeds.png")
+        md += "\n![universal model on hospitalNew per seed](join_seeds.png)\n"
+    (Path(a.out) / "join_seeds.md").write_text(md)
+    print(md)
+
+
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["format_markdown", "goals", "main", "make_config", "run_join_bench"]
+__all__ = ["format_markdown", "format_seeds_markdown", "goals", "main", "make_config", "plot_seeds",
+           "run_join_bench", "run_seeds", "summarize_seeds"]
