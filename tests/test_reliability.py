@@ -281,3 +281,22 @@ def test_site_killed_mid_training_rejoins_and_resumes(tmp_path: Path) -> None:
     for path in [*run_dir.rglob("*"), *tmp_path.glob("*.log")]:
         if path.is_file():
             assert b"PRIVATE KEY" not in path.read_bytes(), path
+
+
+def test_a_joining_site_warms_up_its_local_part_on_the_frozen_shared_model(tiny_demo: Path, tmp_path: Path) -> None:
+    """train.join_warmup_rounds: a site new to a running federation leaves the shared arrays as received."""
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides={
+        "data": {"spacing": [6.0, 6.0, 6.0]},
+        "train": {"amp": False, "device": "cpu", "local_steps": 2, "join_warmup_rounds": 1}})
+    for server_round, warms in ((1, False), (3, True)):  # founding site in round 1; a joiner in round 3
+        runtime = SiteRuntime(load_site_config(tiny_demo / "hospitalA" / "site.yaml"), RoundSpec.from_fed(cfg, 1))
+        runtime.state_path = tmp_path / f"r{server_round}" / "local_state.ckpt"
+        shared, local = runtime.shared_tensors(), runtime.local_tensors()
+        runtime.train_round(RoundSpec.from_fed(cfg, server_round))
+        same_shared = all(torch.equal(shared[k], v) for k, v in runtime.shared_tensors().items())
+        assert same_shared is warms
+        assert any(not torch.equal(local[k], v) for k, v in runtime.local_tensors().items())
+        if warms:  # the next round trains everything
+            runtime.train_round(RoundSpec.from_fed(cfg, server_round + 1))
+            assert any(not torch.equal(shared[k], v) for k, v in runtime.shared_tensors().items())
+            assert all(p.requires_grad for p in runtime.model.parameters())

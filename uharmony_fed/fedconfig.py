@@ -16,7 +16,14 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmeda
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training and validation at a site, sent to every site each round."""
+    """Local training and validation at a site, sent to every site each round.
+
+    ``join_warmup_rounds``: a site that joins a running federation (it has trained fewer
+    than that many rounds' steps while the federation is past them) first trains only its
+    own part (restore, head) for that many rounds, on the frozen shared model, and sends
+    the shared arrays back unchanged, so that a fresh head's large early gradients do not
+    reach the backbone the other sites rely on.
+    """
 
     local_steps: int = 20
     lr: float = 3e-3
@@ -29,8 +36,12 @@ class TrainConfig:
     hd95: bool = False
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    join_warmup_rounds: int = 0
 
     def __post_init__(self) -> None:
+        if self.join_warmup_rounds < 0:
+            msg = f"train.join_warmup_rounds must be >= 0, found {self.join_warmup_rounds}"
+            raise ValueError(msg)
         if self.local_steps < 1:
             msg = f"train.local_steps must be >= 1, found {self.local_steps}"
             raise ValueError(msg)

@@ -59,9 +59,14 @@ REGION_KEYS = ("dice-ET", "dice-TC", "dice-WT", "dice-mean")
 
 
 def make_config(out: Path, rounds: int, seed: int, sites: tuple[str, ...], name: str = "join-bench",
-                policy: str = "uharmony") -> FedConfig:
-    """The bench-size federation over ``sites`` of the demo under ``out/data``."""
+                policy: str = "uharmony", warmup: int | None = None) -> FedConfig:
+    """The bench-size federation over ``sites`` of the demo under ``out/data``.
+
+    ``warmup``: ``train.join_warmup_rounds`` (``None``: the product's default).
+    """
     over = json.loads(json.dumps(FED_OVERRIDES))
+    if warmup is not None:
+        over["train"]["join_warmup_rounds"] = warmup
     over.update({"name": name, "data_root": str(out / "data"), "sites": list(sites), "seed": seed})
     over["federation"].update({"rounds": rounds, "policy": policy, "min_sites": min(len(sites), 2)})
     return load_config(None, over)
@@ -145,7 +150,7 @@ def _universal(cfg: FedConfig, arrays: dict[str, torch.Tensor], runtimes: dict[s
 
 def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, seed: int = 0,
                    universal: bool = True, control_run: bool = True, log: Any = print,
-                   json_name: str = "join.json") -> dict[str, Any]:
+                   json_name: str = "join.json", warmup: int | None = None) -> dict[str, Any]:
     """Run the join benchmark (see the module docstring); write ``out/<json_name>``."""
     from uharmony_fed.demo import make_demo
 
@@ -155,7 +160,7 @@ def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, see
     if not (out / "data" / JOINER / "site.yaml").is_file():
         make_demo(out / "data", sites=3, cases=CASES, seed=0, joiner=True, log=None)
     total = rounds_before + rounds_after
-    cfg = make_config(out, total, seed, (*OLD_SITES, JOINER))
+    cfg = make_config(out, total, seed, (*OLD_SITES, JOINER), warmup=warmup)
     reset_state(cfg)
     timings: dict[str, float] = {}
 
@@ -239,6 +244,7 @@ def run_join_bench(out: Path, rounds_before: int = 4, rounds_after: int = 4, see
     result = {
         "seed": seed, "rounds_before": rounds_before, "rounds_after": rounds_after,
         "local_steps": cfg.train.local_steps, "cases_per_site": CASES, "policy": cfg.federation.policy,
+        "join_warmup_rounds": cfg.train.join_warmup_rounds,
         "sizes": {"features": list(cfg.model.features), "roi_size": list(cfg.data.roi_size),
                   "batch_size": cfg.data.batch_size, "samples_per_case": cfg.data.samples_per_case,
                   "spacing": list(cfg.data.spacing)},
@@ -457,6 +463,8 @@ SEED_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
     "old_worst_drop": ("old sites: worst drop before -> after", lambda r: r["goals"]["old_no_drop"]["worst_drop"]),
     "old_worst_drop_vs_control": ("old sites: worst drop vs control (no joiner)",
                                   lambda r: r["goals"]["old_vs_control"]["worst_drop"]),
+    "old_mean_drop_vs_control": ("old sites: mean drop vs control (no joiner)",
+                                 lambda r: _mean_or_none(r["goals"]["old_vs_control"]["drop"])),
     "universal_gate": ("universal(A,B,C) on hospitalNew, gate",
                        lambda r: _pts((r.get("universal") or {}).get("universal_abc"))),
     "universal_uniform": ("universal(A,B,C), uniform mix (reference)",
@@ -473,6 +481,12 @@ SEED_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
     "margin_uniform": ("margin over best single, uniform",
                        lambda r: r["goals"].get("universal_uniform", {}).get("margin_over_best_single")),
 }
+
+
+def _mean_or_none(values: dict[str, float]) -> float | None:
+    return statistics.fmean(values.values()) if values else None
+
+
 #: Goal -> (its key in :func:`goals`, the summary row it is judged on, the goal in words).
 SEED_GOALS: dict[str, tuple[str, str, str]] = {
     "new_vs_local": ("new_vs_local", "joiner_gain", f"gain >= +{GOAL_NEW_GAIN:.0f}"),
@@ -521,14 +535,16 @@ def summarize_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_seeds(out: Path, seeds: Sequence[int], rounds_before: int = 4, rounds_after: int = 4,
-              universal: bool = True, control_run: bool = True, log: Any = print) -> dict[str, Any]:
+              universal: bool = True, control_run: bool = True, log: Any = print,
+              warmup: int | None = None) -> dict[str, Any]:
     """Run the join benchmark once per seed (``out/join_seed<N>.json``); write and return ``out/join_seeds.json``."""
     start = time.perf_counter()
     results = []
     for seed in seeds:
         log(f"-- seed {seed}")
         results.append(run_join_bench(out, rounds_before, rounds_after, seed, universal=universal,
-                                      control_run=control_run, log=log, json_name=f"join_seed{seed}.json"))
+                                      control_run=control_run, log=log, json_name=f"join_seed{seed}.json",
+                                      warmup=warmup))
     first = results[0]
     combined = {
         "seeds": list(seeds), "rounds_before": rounds_before, "rounds_after": rounds_after,
@@ -635,6 +651,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-universal", action="store_true")
     p.add_argument("--no-control", action="store_true", help="skip the old-sites-without-joiner control")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--join-warmup", type=int, default=None,
+                   help="train.join_warmup_rounds for the joiner (default: the product's default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -642,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
         _main_seeds(a)
         return
     r = run_join_bench(a.out, a.rounds_before, a.rounds_after, a.seed, universal=not a.no_universal,
-                       control_run=not a.no_control)
+                       control_run=not a.no_control, warmup=a.join_warmup)
     cmd = f"python -m uharmony_fed.bench.join --out {a.out}"
     if (a.rounds_before, a.rounds_after, a.seed) != (4, 4, 0):
         cmd += f" --rounds-before {a.rounds_before} --rounds-after {a.rounds_after} --seed {a.seed}"
@@ -653,12 +671,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main_seeds(a: argparse.Namespace) -> None:
     c = run_seeds(a.out, a.seeds, a.rounds_before, a.rounds_after, universal=not a.no_universal,
-                  control_run=not a.no_control)
+                  control_run=not a.no_control, warmup=a.join_warmup)
     cmd = f"python -m uharmony_fed.bench.join --out {a.out} --seeds {' '.join(map(str, a.seeds))}"
     if (a.rounds_before, a.rounds_after) != (4, 4):
         cmd += f" --rounds-before {a.rounds_before} --rounds-after {a.rounds_after}"
     if a.threads:
         cmd += f" --threads {a.threads}"
+    if a.join_warmup is not None:
+        cmd += f" --join-warmup {a.join_warmup}"
     md = format_seeds_markdown(c, cmd)
     if not a.no_universal:
         plot_seeds(c, Path(a.out) / "join_seeds.png")

@@ -176,9 +176,19 @@ class SiteRuntime:
         if spec.prox_mu > 0:
             ref = {k: v.detach().clone() for k, v in canonical_state(self.model).items()
                    if k in set(self.shared_keys)}
-        stats = train_steps(self.model, self.loader, self.optimizer, steps, device=self.device,
-                            lr=lrs, prox_mu=spec.prox_mu, prox_ref=ref, amp=spec.train.amp,
-                            progress=self.progress, desc=f"{self.site.name} r{spec.server_round}")
+        frozen = self._warming_up(spec)
+        if frozen:
+            log.info("site %s: joining warm-up, round %d trains only the local part", self.site.name,
+                     spec.server_round)
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            stats = train_steps(self.model, self.loader, self.optimizer, steps, device=self.device,
+                                lr=lrs, prox_mu=spec.prox_mu, prox_ref=ref, amp=spec.train.amp,
+                                progress=self.progress, desc=f"{self.site.name} r{spec.server_round}")
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         self.state.step += steps
         return {
             "num-examples": float(len(self.train_ds)),
@@ -188,6 +198,15 @@ class SiteRuntime:
             "voxels-per-s": stats.voxels_per_s,
             "skipped-cases": float(len(self.skipped)),
         }
+
+    def _warming_up(self, spec: RoundSpec) -> list[torch.nn.Parameter]:
+        """The shared parameters to hold still this round: all of them while the site warms up after joining."""
+        warm = spec.train.join_warmup_rounds
+        joining = warm > 0 and spec.server_round > warm and self.state.step < warm * spec.train.local_steps
+        if not joining:
+            return []
+        shared = set(self.shared_keys)
+        return [p for k, p in self.model.named_parameters() if k in shared]
 
     def evaluate(self, spec: RoundSpec) -> dict[str, float]:
         """Dice per annotated region of the personalized model on the validation split."""
