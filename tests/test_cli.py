@@ -56,6 +56,16 @@ def test_make_demo_then_check_data_ok(tmp_path, capsys):
     assert "OK: every case is usable." in capsys.readouterr().out
 
 
+def test_make_demo_joiner_passes_check_data_with_its_extra_class(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["make-demo", "--out", str(out), "--sites", "1", "--cases", "1", "--joiner"]) == 0
+    site_yaml = out / "hospitalNew" / "site.yaml"
+    assert str(site_yaml) in capsys.readouterr().out
+    assert "extra_classes" in site_yaml.read_text()
+    assert main(["check-data", "--data", str(out / "hospitalNew" / "data"), "--site-config", str(site_yaml)]) == 0
+    assert "OK: every case is usable." in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------ check-data, broken
 
 

@@ -45,7 +45,7 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
     from uharmony_fed.demo import make_demo
 
     start = time.perf_counter()
-    paths = make_demo(Path(args.out), sites=args.sites, cases=args.cases, seed=args.seed)
+    paths = make_demo(Path(args.out), sites=args.sites, cases=args.cases, seed=args.seed, joiner=args.joiner)
     print(f"wrote {len(paths)} sites in {time.perf_counter() - start:.1f} s:")
     for p in paths:
         print(f"  {p}")
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
     q.add_argument("--cases", type=int, default=8, help="cases per hospital (default 8)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--joiner", action="store_true",
+                   help="also write hospitalNew, a hospital to join a running federation with: another "
+                        "scanner, only T1c and FLAIR, post-operative cases with its own class RC (label 4)")
 
     q = add("check-data", "list every case of a site's data and every problem with its fix")
     q.add_argument("--data", required=True, help="the site's data folder")

@@ -199,9 +199,13 @@ def evaluate(
         annotated = item["annotated"]
         pred = (predict_volume(model, image, roi_size, device=device, sw_batch_size=sw_batch_size,
                                overlap=overlap, amp=amp) > 0.5).float()
+        # A model may have fewer outputs than the site's classes (a universal or another
+        # site's model has no output for this site's extra classes): score what it predicts.
+        n = min(pred.shape[1], len(classes))
+        pred, label = pred[:, :n], label[:, :n]
         per_region = dice(pred, label)[0]
         dists_row = hd(pred, label)[0] if hd is not None else None
-        for j, region in enumerate(classes):
+        for j, region in enumerate(classes[:n]):
             if annotated[j] > 0:
                 scores[region].append(float(per_region[j]))
                 if dists_row is not None and math.isfinite(float(dists_row[j])):
