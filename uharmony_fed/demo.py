@@ -86,7 +86,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(Scanner((1.1, 1.1, 1.0), "LAS", 1.35, 3000.0, 0.22, 0.03, True, "uint16"), "meningioma", "datalist", "wt"),
 )
 
-#: The hospital that joins later (``make_demo(..., joiner=True)``): a scanner unlike the
+#: The hospital that joins later (``make_demo(..., joiner=True)`, `uharmony-fed make-demo --joiner``): a scanner unlike the
 #: others (RPI, coarse slices, Gaussian noise, a flat contrast curve), only FLAIR and
 #: post-contrast T1, and post-operative cases with a class nobody else annotates: the
 #: resection cavity (``extra_classes: {RC: [4]}``).
