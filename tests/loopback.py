@@ -58,13 +58,15 @@ class Loopback:
     Writes the certificates, site keys and ``fed.yaml`` into ``tmp_path``; names the
     federation ``<prefix><port>`` so runs never share site state; starts sites on demand
     (logs in ``tmp_path/<site>.log``, payload audit in ``tmp_path/audit-<site>.jsonl`` when
-    ``audit``) and stops them all in :meth:`stop`.
+    ``audit``) and stops them all in :meth:`stop`. Keys are enrolled for ``sites``, which
+    may include sites the config does not list.
     """
 
-    def __init__(self, cfg: FedConfig, tmp_path: Path, prefix: str, audit: bool = False) -> None:
+    def __init__(self, cfg: FedConfig, tmp_path: Path, prefix: str, audit: bool = False,
+                 sites: tuple[str, ...] = SITES) -> None:
         self.tmp_path = tmp_path
         self.certs = tmp_path / "certs"
-        make_certs(self.certs, hosts=("localhost", "127.0.0.1"), sites=SITES)
+        make_certs(self.certs, hosts=("localhost", "127.0.0.1"), sites=sites)
         self.port = free_port()
         self.cfg = replace(cfg, name=f"{prefix}{self.port}",
                            server=replace(cfg.server, host="127.0.0.1", port=self.port, certs_dir=self.certs))
