@@ -55,8 +55,6 @@ GOAL_NEW_GAIN = 5.0
 GOAL_OLD_MAX_DROP = 1.0
 GOAL_ORACLE_GAP = 2.0
 
-REGION_KEYS = ("dice-ET", "dice-TC", "dice-WT", "dice-mean")
-
 
 def make_config(out: Path, rounds: int, seed: int, sites: tuple[str, ...], name: str = "join-bench",
                 policy: str = "uharmony", warmup: int | None = None) -> FedConfig:
@@ -73,7 +71,8 @@ def make_config(out: Path, rounds: int, seed: int, sites: tuple[str, ...], name:
 
 
 def _dice(m: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items() if k in REGION_KEYS}
+    """The Dice entries: the regions', their mean and a site's extra classes' (``dice-RC``)."""
+    return {k: float(v) for k, v in m.items() if k.startswith("dice-")}
 
 
 def _eval_on(model: torch.nn.Module, rt: SiteRuntime, spec: RoundSpec) -> dict[str, float]:
@@ -290,9 +289,13 @@ def _load_site(cfg: FedConfig, site: str):  # noqa: ANN202
 
 
 def _pts(d: dict[str, float] | None) -> float | None:
-    if not d or "dice-mean" not in d:
+    return _pts_of(d, "dice-mean")
+
+
+def _pts_of(d: dict[str, float] | None, key: str) -> float | None:
+    if not d or key not in d:
         return None
-    return 100.0 * float(d["dice-mean"])
+    return 100.0 * float(d[key])
 
 
 def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -460,6 +463,10 @@ SEED_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
     "joiner_federated": ("hospitalNew federated", lambda r: _pts(r.get("joiner"))),
     "joiner_local_only": ("hospitalNew local-only", lambda r: _pts(r.get("local_only"))),
     "joiner_gain": ("hospitalNew gain (federated - local-only)", lambda r: r["goals"]["new_vs_local"]["gain"]),
+    "joiner_rc_federated": ("hospitalNew RC (its own class), federated",
+                            lambda r: _pts_of(r.get("joiner"), "dice-RC")),
+    "joiner_rc_local_only": ("hospitalNew RC (its own class), local-only",
+                             lambda r: _pts_of(r.get("local_only"), "dice-RC")),
     "old_worst_drop": ("old sites: worst drop before -> after", lambda r: r["goals"]["old_no_drop"]["worst_drop"]),
     "old_worst_drop_vs_control": ("old sites: worst drop vs control (no joiner)",
                                   lambda r: r["goals"]["old_vs_control"]["worst_drop"]),
