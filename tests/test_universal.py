@@ -310,3 +310,19 @@ def test_demo_joiner_is_an_unseen_scanner_and_leaves_the_others_unchanged(univer
                  "--input", str(site.data_dir / case.case_id), "--output", str(out), "--device", "cpu"]) == 0
     src, seg = nib.load(case.images["t2f"]), nib.load(out)
     assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+
+
+def test_export_by_site_name_matches_export_by_site_config(fed_run, exports, tmp_path, capsys) -> None:
+    """``uharmony-fed export --site S`` finds S's site.yaml through the config, as ``train --site`` does."""
+    run, sites = fed_run
+    fed_yaml = tmp_path / "fed.yaml"
+    fed_yaml.write_text(yaml.safe_dump({"name": FED, "data_root": str(sites["hospitalB"].parents[1]),
+                                        "sites": list(SITES)}))
+    out = tmp_path / "b.pt"
+    assert main(["export", "--site", "hospitalB", "--config", str(fed_yaml), "--model", str(run),
+                 "--out", str(out)]) == 0
+    by_name, by_config = load_export(out), load_export(exports[SITES.index("hospitalB")])
+    assert by_name["site"] == "hospitalB"
+    assert all(torch.equal(by_name["params"][k], by_config["params"][k]) for k in by_config["params"])
+    assert main(["export", "--model", str(run)]) == 2
+    assert "give --site NAME" in capsys.readouterr().err

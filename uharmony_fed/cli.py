@@ -204,7 +204,11 @@ def _predict_universal(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from uharmony_fed.universal import export_site, load_export
 
-    out = export_site(args.model, args.site_config, args.out, device=args.device)
+    if not (args.site or args.site_config):
+        raise ValueError("give --site NAME (a site of --config) or --site-config site.yaml")
+    site_config = Path(args.site_config) if args.site_config else _config(args).site_config_path(args.site)
+    out_path = args.out or f"{args.site or site_config.parent.name}.export.pt"
+    out = export_site(args.model, site_config, out_path, device=args.device)
     doc = load_export(out)
     n = sum(t.numel() for t in doc["params"].values())
     print(f"site {doc['site']}: wrote {out} ({len(doc['params'])} restore/head tensors, {n:,} values; "
@@ -320,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = add("export", "opt-in: write this site's restore and head parameters and domain statistics "
             "(no voxels, file names or case ids) for a universal model")
-    q.add_argument("--site-config", required=True, help="this site's site.yaml (its local state and training data)")
+    with_config(q)
+    q.add_argument("--site", help="this site's name in the config (its site.yaml is <data_root>/<site>/site.yaml)")
+    q.add_argument("--site-config", help="this site's site.yaml (its local state and training data); or --site")
     q.add_argument("--model", required=True, help="the finished run folder (or its final_shared.ckpt)")
-    q.add_argument("--out", required=True, help="the export file to write (e.g. hospitalA.export.pt)")
+    q.add_argument("--out", help="the export file to write (default <site>.export.pt)")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default: cpu")
 
     q = add("assemble", "build one universal model from a run and the sites' exports")
