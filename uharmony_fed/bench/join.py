@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
+from uharmony_fed import REGIONS
 from uharmony_fed.bench.arms import _runtimes, reset_state, train_and_average
 from uharmony_fed.fed.server_loop import initial_shared_arrays
 from uharmony_fed.fed.site_runtime import SiteRuntime
 from uharmony_fed.fed.wire import RoundSpec
 from uharmony_fed.fedconfig import FedConfig, load_config
 from uharmony_fed.policy import canonical_state
-from uharmony_fed.train import evaluate
+from uharmony_fed.train import evaluate, predict_volume
 
 OLD_SITES = ("hospitalA", "hospitalB", "hospitalC")
 JOINER = "hospitalNew"
@@ -83,10 +84,31 @@ def _eval_on(model: torch.nn.Module, rt: SiteRuntime, spec: RoundSpec) -> dict[s
 
 
 #: The universal model's gate arms: its gate, and two references (uniform mixing, the plain softmax).
-GATE_ARMS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
-    "gate": lambda um, x: um.gate(x)[0],
-    "uniform": lambda um, x: torch.full((len(um.site_names),), 1.0 / len(um.site_names), device=x.device),
-    "sharp": lambda um, x: um.gate(x, fallback=False)[0],
+def _most_confident(um: Any, x: torch.Tensor, roi_size: Sequence[int]) -> torch.Tensor:
+    """A label-free per-case pick: the site whose own whole-tumour prediction of ``x`` is most decided.
+
+    Confidence is the mean of ``|2 p_WT - 1|`` over the head (the voxels where any sequence
+    is non-zero); the site with the highest gets weight 1. Costs one sliding window per site.
+    """
+    from uharmony_fed.universal import GatedPredictor
+
+    head = x.abs().sum(1)[0] > 0
+    conf = []
+    for s in range(len(um.site_names)):
+        onehot = torch.zeros(len(um.site_names), device=x.device)
+        onehot[s] = 1.0
+        p = predict_volume(GatedPredictor(um, onehot).eval(), x, roi_size, device=x.device)
+        conf.append(float((2.0 * p[0, REGIONS.index("WT")] - 1.0).abs()[head].mean()))
+    pick = torch.zeros(len(um.site_names), device=x.device)
+    pick[max(range(len(conf)), key=conf.__getitem__)] = 1.0
+    return pick
+
+
+GATE_ARMS: dict[str, Callable[[Any, torch.Tensor, Sequence[int]], torch.Tensor]] = {
+    "gate": lambda um, x, roi: um.gate(x)[0],
+    "uniform": lambda um, x, roi: torch.full((len(um.site_names),), 1.0 / len(um.site_names), device=x.device),
+    "sharp": lambda um, x, roi: um.gate(x, fallback=False)[0],
+    "confident": _most_confident,
 }
 
 
@@ -98,7 +120,8 @@ def _eval_universal(um: Any, rt: SiteRuntime, spec: RoundSpec, arm: str = "gate"
     gates = []
     for item in rt.val_ds:
         with torch.no_grad():
-            gate = GATE_ARMS[arm](um, torch.as_tensor(item["image"]).float()[None].to(rt.device))
+            gate = GATE_ARMS[arm](um, torch.as_tensor(item["image"]).float()[None].to(rt.device),
+                                  spec.data.roi_size)
         gates.append([round(float(g), 4) for g in gate])
         out = evaluate(GatedPredictor(um, gate).eval(), [item], spec.data.roi_size, device=rt.device,
                        sw_batch_size=spec.train.sw_batch_size, overlap=spec.train.sw_overlap, amp=spec.train.amp)
@@ -327,7 +350,7 @@ def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         singles = [p for p in (_pts(d) for d in uni.get("single_site", {}).values()) if p is not None]
         best = max(singles) if singles else None
         out["universal"] = _universal_goal(_pts(uni.get("universal_abc")), best, o)
-        for arm in ("uniform", "sharp"):
+        for arm in ("uniform", "sharp", "confident"):
             if uni.get(f"universal_abc_{arm}") is not None:
                 out[f"universal_{arm}"] = _universal_goal(_pts(uni[f"universal_abc_{arm}"]), best, o)
     else:
@@ -400,7 +423,8 @@ def format_markdown(r: dict[str, Any], command: str = "python -m uharmony_fed.be
                      f"{_f(_pts(uni.get('universal_abc')))} vs [{singles}] vs {_f(_pts(uni.get('oracle')))} "
                      f"(gap to oracle {_f(gu['gap_to_oracle'])}) | within {GOAL_ORACLE_GAP:.0f} of oracle, "
                      f"above every single site | {_met(gu['met'])} |")
-        for arm, label in (("uniform", "uniform mix"), ("sharp", "plain softmax gate, no fallback")):
+        for arm, label in (("uniform", "uniform mix"), ("sharp", "plain softmax gate, no fallback"),
+                           ("confident", "most confident site per case (exploratory)")):
             if f"universal_{arm}" in g:
                 ga = g[f"universal_{arm}"]
                 lines.append(f"| (reference) universal(A,B,C), {label} | {_f(_pts(uni[f'universal_abc_{arm}']))} "
@@ -478,6 +502,8 @@ SEED_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
                           lambda r: _pts((r.get("universal") or {}).get("universal_abc_uniform"))),
     "universal_sharp": ("universal(A,B,C), plain softmax gate (previous)",
                         lambda r: _pts((r.get("universal") or {}).get("universal_abc_sharp"))),
+    "universal_confident": ("universal(A,B,C), most confident site per case (exploratory)",
+                            lambda r: _pts((r.get("universal") or {}).get("universal_abc_confident"))),
     "best_single_site": ("best single old site on hospitalNew", lambda r: _best_single(r)[1]),
     "oracle": ("oracle (hospitalNew's own model)", lambda r: _pts((r.get("universal") or {}).get("oracle"))),
     "gap_gate": ("gap to oracle, gate", lambda r: r["goals"]["universal"].get("gap_to_oracle")),
