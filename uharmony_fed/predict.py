@@ -331,13 +331,7 @@ def predict_case(
     inf = load_case_for_inference(case, site, cfg)
     probs = predict_volume(sm.model, inf.image.unsqueeze(0), cfg.roi_size, device=sm.device,
                            sw_batch_size=sm.sw_batch_size, overlap=sm.overlap)
-    out = inf.prediction_to_nifti(probs[0].cpu(), site, threshold)
-    labels = np.asarray(out.dataobj, dtype=np.int16)
-    img = nib.Nifti1Image(labels, inf.original_affine)
-    img.set_data_dtype(np.int16)
-    img.set_sform(inf.original_affine, code=1)
-    img.set_qform(inf.original_affine, code=1)
-    return img
+    return inf.prediction_to_nifti(probs[0].cpu(), site, threshold)
 
 
 # ----------------------------------------------------------------------------- overlay
@@ -559,12 +553,7 @@ def predict_case_universal(
         gate = um.gate(image.to(dev))[0]
     probs = predict_volume(GatedPredictor(um, gate), image, cfg.roi_size, device=dev,
                            sw_batch_size=um.sw_batch_size, overlap=um.overlap)
-    out = inf.prediction_to_nifti(probs[0].cpu(), site, threshold)
-    labels = np.asarray(out.dataobj, dtype=np.int16)
-    img = nib.Nifti1Image(labels, inf.original_affine)
-    img.set_data_dtype(np.int16)
-    img.set_sform(inf.original_affine, code=1)
-    img.set_qform(inf.original_affine, code=1)
+    img = inf.prediction_to_nifti(probs[0].cpu(), site, threshold)
     return img, {name: float(w) for name, w in zip(um.site_names, gate.cpu().tolist())}
 
 

@@ -183,11 +183,15 @@ class InferenceCase:
             threshold: region membership threshold.
 
         Returns:
-            An int16 :class:`nibabel.Nifti1Image` with the case's affine.
+            An int16 :class:`nibabel.Nifti1Image` with the case's affine (as sform and qform).
         """
         probs = self.to_original_grid(region_probs, mode="bilinear")
-        labels = regions_to_site_labels(probs, site, threshold)
-        return nib.Nifti1Image(labels, self.original_affine)
+        labels = np.asarray(regions_to_site_labels(probs, site, threshold), dtype=np.int16)
+        img = nib.Nifti1Image(labels, self.original_affine)
+        img.set_data_dtype(np.int16)
+        img.set_sform(self.original_affine, code=1)
+        img.set_qform(self.original_affine, code=1)
+        return img
 
 
 def load_case_for_inference(case: Case, site: SiteConfig, data_cfg: DataConfig) -> InferenceCase:
