@@ -327,23 +327,12 @@ def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     new, loc = _pts(r.get("joiner")), _pts(r.get("local_only"))
     gain = None if new is None or loc is None else new - loc
     out["new_vs_local"] = {"gain": gain, "met": None if gain is None else gain >= GOAL_NEW_GAIN}
-    drops = {}
-    for s, b in (r.get("before") or {}).items():
-        a = (r.get("after") or {}).get(s)
-        if _pts(b) is not None and _pts(a) is not None:
-            drops[s] = _pts(b) - _pts(a)  # type: ignore[operator]
-    worst = max(drops.values()) if drops else None
-    out["old_no_drop"] = {"drop": drops, "worst_drop": worst,
-                          "met": None if worst is None else worst <= GOAL_OLD_MAX_DROP}
-    ctrl = (r.get("control_no_joiner") or {}).get("after") or {}
-    cost = {}
-    for s, c in ctrl.items():
-        a = (r.get("after") or {}).get(s)
-        if _pts(c) is not None and _pts(a) is not None:
-            cost[s] = _pts(c) - _pts(a)  # type: ignore[operator]
-    worst_c = max(cost.values()) if cost else None
-    out["old_vs_control"] = {"drop": cost, "worst_drop": worst_c,
-                             "met": None if worst_c is None else worst_c <= GOAL_OLD_MAX_DROP}
+    after = r.get("after") or {}
+    for key, reference in (("old_no_drop", r.get("before") or {}),
+                           ("old_vs_control", (r.get("control_no_joiner") or {}).get("after") or {})):
+        drops = _drops(reference, after)
+        worst = max(drops.values()) if drops else None
+        out[key] = {"drop": drops, "worst_drop": worst, "met": None if worst is None else worst <= GOAL_OLD_MAX_DROP}
     uni = r.get("universal")
     if uni:
         o = _pts(uni.get("oracle"))
@@ -355,6 +344,16 @@ def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 out[f"universal_{arm}"] = _universal_goal(_pts(uni[f"universal_abc_{arm}"]), best, o)
     else:
         out["universal"] = {"met": None}
+    return out
+
+
+def _drops(reference: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Per site scored in both: ``reference - after`` in Dice points (negative is a gain)."""
+    out = {}
+    for site, ref in reference.items():
+        a, b = _pts(ref), _pts(after.get(site))
+        if a is not None and b is not None:
+            out[site] = a - b
     return out
 
 
